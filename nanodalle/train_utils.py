@@ -1,0 +1,463 @@
+"""The shared training runtime: every train_*.py uses it unchanged.
+
+What lives here, in the order a training script meets it:
+  make_parser / config_from_args   the common flags of DESIGN.md, plus one flag per model-config field
+  dry_run                          build the model on the meta device, print its size, allocate nothing
+  Trainer                          device and dtype, torchrun/DDP, seeding, optimizer, LR schedule, EMA,
+                                   gradient accumulation, atomic checkpoints and --resume, logging
+  load_checkpoint / save_grid      used by the training scripts and by sampling
+  main                             run a script: a UserError becomes one line on stderr and exit status 2
+
+A training script defines `loss_fn(model, batch, step) -> (loss, logs)` and `evaluate(step) -> metrics`
+and calls `Trainer.fit`. The loop itself is ~40 lines below (`Trainer.fit`), written out in full.
+"""
+import argparse
+import contextlib
+import copy
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from tqdm import tqdm
+
+from nanodalle import UserError
+
+CHECKPOINT_FORMAT = 1
+
+
+# ----------------------------------------------------------------------------------------------------
+# command line
+
+def make_parser(stage: str, description: str, config_cls, presets: dict, train_defaults: dict):
+    """The common flags of every train_*.py, then one --flag per field of the model's config dataclass.
+
+    Config flags default to None so that the preset's value wins unless the user gives one.
+    train_defaults: per-preset training settings, e.g. {"toy": dict(steps=2000, batch_size=32, lr=1e-3)}.
+    """
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("common")
+    g.add_argument("--size", default="toy", help=f"model preset: {', '.join(presets)}")
+    g.add_argument("--data", default="shapes", help="'shapes' (built in), a folder of images + .txt captions, or .tar shards")
+    g.add_argument("--out", default=f"out/{stage}", help="output directory (ckpt.pt, log.jsonl, metrics.json, grids)")
+    g.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the preset's)")
+    g.add_argument("--batch-size", type=int, default=None, help="images per step per process (default: the preset's)")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the preset's)")
+    g.add_argument("--min-lr-frac", type=float, default=0.1, help="cosine decay ends at lr × this")
+    g.add_argument("--warmup", type=int, default=None, help="linear warm-up steps (default: 2%% of --steps)")
+    g.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay on ≥2-D weights")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="clip the global grad norm (0: off)")
+    g.add_argument("--ema", type=float, default=None, help="EMA decay of the weights (0: off)")
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto: bfloat16 autocast on CUDA where supported (else float16), float32 on CPU/MPS")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
+    g.add_argument("--log-every", type=int, default=50, help="steps between log lines")
+    g.add_argument("--eval-every", type=int, default=None, help="steps between evaluations + checkpoints")
+    g.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--dry-run", action="store_true", help="build on the meta device, print config and size, exit")
+    p.set_defaults(_stage=stage, _train_defaults=train_defaults)
+    c = p.add_argument_group(f"model config (override the preset: {config_cls.__name__})")
+    for f in dataclasses.fields(config_cls):
+        kind = {"int": int, "float": float, "str": str, "bool": _parse_bool}.get(
+            f.type if isinstance(f.type, str) else f.type.__name__, str)
+        c.add_argument("--" + f.name.replace("_", "-"), dest="cfg_" + f.name, type=kind, default=None,
+                       metavar=kind.__name__.upper().lstrip("_"), help=f"(preset default: {f.default})")
+    return p
+
+
+def _parse_bool(s: str) -> bool:
+    if s.lower() in ("1", "true", "yes", "on"):
+        return True
+    if s.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
+
+
+def config_from_args(config_cls, presets: dict, args):
+    """The preset named by --size, with every config flag the user gave applied on top.
+
+    Also fills the training defaults (steps, batch size, lr, ...) of that preset into args.
+    """
+    if args.size not in presets:
+        raise UserError(f"unknown preset --size {args.size!r}: choose one of {', '.join(presets)}")
+    values = dict(presets[args.size])
+    for f in dataclasses.fields(config_cls):
+        given = getattr(args, "cfg_" + f.name)
+        if given is not None:
+            values[f.name] = given
+    for key, value in args._train_defaults.get(args.size, {}).items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    for key, value in dict(steps=1000, batch_size=32, lr=3e-4, weight_decay=0.0, ema=0.0).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.warmup is None:
+        args.warmup = args.steps // 50
+    if args.eval_every is None:
+        args.eval_every = max(args.steps // 4, 1)
+    return config_cls(**values)
+
+
+def dry_run(make_model: Callable[[], nn.Module], cfg) -> None:
+    """Build the model on the meta device (no memory is allocated) and print its config and size."""
+    with torch.device("meta"):
+        model = make_model()
+    print(json.dumps(dataclasses.asdict(cfg), indent=2))
+    for name, child in model.named_children():
+        print(f"  {name:<24s} {count_params(child) / 1e6:10.2f}M parameters")
+    n = count_params(model)
+    print(f"total: {n:,} parameters ({n / 1e6:.1f}M)")
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------------------------------
+# device, dtype and distributed set-up
+
+def pick_device(name: str) -> torch.device:
+    """auto: cuda -> mps -> cpu. An explicit device that is not available is a user error."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA GPU is available here; use --device cpu (or auto)")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device mps: MPS is not available here (macOS with Apple silicon only); use --device cpu")
+    return torch.device(name)
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    """auto: bfloat16 autocast on CUDA where supported, else float16; float32 on CPU and MPS."""
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return getattr(torch, name)
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """Mixed precision for the forward pass; a no-op in float32."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------------------------------
+# optimizer, schedule, EMA
+
+def configure_optimizers(model: nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.999), eps=1e-8,
+                         device_type: str = "cpu") -> torch.optim.AdamW:
+    """AdamW with weight decay on ≥2-D weights only (matmul and conv weights, embeddings); biases, norms
+    and scalars are not decayed. Fused kernels on CUDA."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=(device_type == "cuda"))
+
+
+def lr_at(step: int, lr: float, warmup: int, steps: int, min_lr_frac: float) -> float:
+    """Linear warm-up to lr, then a cosine down to lr · min_lr_frac at the last step."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    t = min((step - warmup) / max(steps - warmup, 1), 1.0)
+    return lr * (min_lr_frac + (1 - min_lr_frac) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+class EMA:
+    """An exponential moving average of the weights (DDPM uses 0.9999), kept in float32.
+
+    The decay ramps up as min(decay, (1 + n) / (10 + n)) so early averages do not remember the random init.
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.updates = 0
+        self.model = copy.deepcopy(model).float().eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module):
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        ema_params = list(self.model.parameters())
+        torch._foreach_lerp_(ema_params, [p.float() for p in model.parameters()], 1 - d)
+        for b_ema, b in zip(self.model.buffers(), model.buffers()):
+            b_ema.copy_(b)
+
+
+# ----------------------------------------------------------------------------------------------------
+# checkpoints
+
+def save_atomic(obj, path: str) -> None:
+    """torch.save to a temporary file in the same directory, then rename: a kill never leaves half a file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def write_json_atomic(obj, path: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str, stage: str) -> dict:
+    """Load a checkpoint on the CPU and check it is a nanodalle checkpoint of the expected stage."""
+    if not os.path.isfile(path):
+        raise UserError(f"no checkpoint at {path}: train that stage first (python train_{stage_script(stage)}.py) "
+                        f"or pass the right path")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}): pass a ckpt.pt written by nanodalle")
+    if not isinstance(ckpt, dict) or "format" not in ckpt or "stage" not in ckpt:
+        raise UserError(f"{path} is not a nanodalle checkpoint: pass a ckpt.pt written by a train_*.py script")
+    if ckpt["stage"] != stage:
+        raise UserError(f"{path} is a '{ckpt['stage']}' checkpoint, but a '{stage}' checkpoint is needed here")
+    return ckpt
+
+
+def stage_script(stage: str) -> str:
+    return {"dalle": "transformer", "upsampler": "decoder"}.get(stage, stage)
+
+
+def model_from_checkpoint(ckpt: dict, config_cls, model_cls, use_ema: bool = True) -> nn.Module:
+    """Rebuild the model from the config stored in the checkpoint; EMA weights when there are some."""
+    model = model_cls(config_cls(**ckpt["config"]))
+    state = ckpt["ema"] if use_ema and ckpt.get("ema") is not None else ckpt["model"]
+    model.load_state_dict(state)
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------------
+# images
+
+def save_grid(images: torch.Tensor, path: str, nrow: int = 8, pad: int = 2) -> None:
+    """Save (N, C, H, W) images in [-1, 1] as one PNG grid, nrow images per row."""
+    from PIL import Image
+    images = images.detach().float().cpu().clamp(-1, 1)
+    N, C, H, W = images.shape
+    ncol = min(nrow, N)
+    rows = math.ceil(N / ncol)
+    grid = torch.ones(C, rows * (H + pad) + pad, ncol * (W + pad) + pad)  # white background
+    for i in range(N):
+        r, c = divmod(i, ncol)
+        top, left = pad + r * (H + pad), pad + c * (W + pad)
+        grid[:, top:top + H, left:left + W] = (images[i] + 1) / 2
+    array = (grid.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()  # (rows·H, cols·W, C)
+    tmp = f"{path}.tmp{os.getpid()}.png"
+    Image.fromarray(array.squeeze(-1) if C == 1 else array).save(tmp)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the trainer
+
+class Trainer:
+    """Owns everything about a training run except the model's loss and its evaluation.
+
+    Set-up order: torchrun env -> device/dtype -> seed -> output dir checks -> model -> optimizer -> resume
+    -> DDP/compile wrappers. `self.raw_model` is the plain module (saved, evaluated, EMA'd); `self.model`
+    may be wrapped by DDP and torch.compile (used for the training forward only).
+    """
+
+    def __init__(self, args, stage: str, cfg, make_model: Callable[[], nn.Module], betas=(0.9, 0.999),
+                 eps: float = 1e-8, extra_state: dict | None = None):
+        self.args, self.stage, self.cfg = args, stage, cfg
+        self.extra_state = extra_state or {}  # saved in every checkpoint: tokenizer, upstream models...
+        # --- torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; without it we are a single process
+        self.ddp = int(os.environ.get("RANK", -1)) != -1
+        self.rank = int(os.environ.get("RANK", 0))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
+        self.master = self.rank == 0  # only the master process logs and writes files
+        self.device = pick_device(args.device)
+        if self.ddp and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.local_rank)
+            torch.cuda.set_device(self.device)
+        if self.ddp and not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if self.device.type == "cuda" else "gloo")
+        self.dtype = pick_dtype(args.dtype, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=(self.dtype == torch.float16))
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls for float32 work
+            torch.backends.cudnn.allow_tf32 = True
+        # --- the output directory: never overwrite a checkpoint unless asked to resume it
+        self.out = args.out
+        self.ckpt_path = os.path.join(self.out, "ckpt.pt")
+        resume_ckpt = None
+        if args.resume:
+            resume_ckpt = load_checkpoint(self.ckpt_path, stage) if os.path.exists(self.ckpt_path) else None
+            if resume_ckpt is None:
+                raise UserError(f"--resume: no checkpoint at {self.ckpt_path}; drop --resume to start a new run")
+            self.cfg = cfg = type(cfg)(**resume_ckpt["config"])  # the run's own config wins over flags
+        elif os.path.exists(self.ckpt_path):
+            raise UserError(f"{self.ckpt_path} already exists: pass --resume to continue it, or --out DIR "
+                            f"for a new run (delete it yourself to start over)")
+        # --- seed: every rank starts from the same weights; data order differs by rank via the loader
+        random.seed(args.seed)
+        np.random.seed(args.seed)
+        torch.manual_seed(args.seed)
+        self.raw_model = make_model().to(self.device)
+        self.optimizer = configure_optimizers(self.raw_model, args.lr, args.weight_decay, betas, eps,
+                                              self.device.type)
+        self.ema = EMA(self.raw_model, args.ema) if args.ema > 0 else None
+        self.step = 0
+        if resume_ckpt is not None:
+            self._restore(resume_ckpt)
+        self.model = self.raw_model
+        if self.ddp:
+            ids = [self.local_rank] if self.device.type == "cuda" else None
+            self.model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        if args.compile:
+            self.model = torch.compile(self.model)
+        if self.master:
+            os.makedirs(self.out, exist_ok=True)
+            n = count_params(self.raw_model)
+            print(f"{stage}: {n:,} parameters ({n / 1e6:.2f}M) | device {self.device} | dtype "
+                  f"{str(self.dtype).replace('torch.', '')} | world size {self.world_size} | "
+                  f"{'resuming at step ' + str(self.step) if resume_ckpt else 'new run'} -> {self.out}")
+
+    # --- the loop --------------------------------------------------------------------------------
+
+    def fit(self, batches: Iterator, loss_fn: Callable, evaluate: Callable[[int], dict] | None = None):
+        """Train until args.steps. loss_fn(model, batch, step) -> (loss, {name: scalar tensor}).
+
+        Logs every --log-every steps; evaluates and saves a checkpoint every --eval-every steps and at
+        the end. Logged numbers are read back from the device only on log steps (no sync per step).
+        """
+        args = self.args
+        bar = tqdm(total=args.steps, initial=self.step, disable=not self.master, desc=self.stage,
+                   dynamic_ncols=True, leave=False)
+        t0, t0_step = time.time(), self.step
+        while self.step < args.steps:
+            lr = lr_at(self.step, args.lr, args.warmup, args.steps, args.min_lr_frac)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            for micro in range(args.grad_accum):
+                batch = self.to_device(next(batches))
+                # in DDP, all-reduce the gradients only on the last micro-batch of the step
+                sync = not self.ddp or micro == args.grad_accum - 1
+                with (contextlib.nullcontext() if sync else self.model.no_sync()):
+                    with autocast(self.device, self.dtype):
+                        loss, logs = loss_fn(self.model, batch, self.step)
+                    self.scaler.scale(loss / args.grad_accum).backward()
+            self.scaler.unscale_(self.optimizer)
+            max_norm = args.grad_clip if args.grad_clip > 0 else float("inf")
+            grad_norm = nn.utils.clip_grad_norm_(self.raw_model.parameters(), max_norm)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.ema is not None:
+                self.ema.update(self.raw_model)
+            self.step += 1
+            bar.update(1)
+            last = self.step == args.steps
+            if self.step % args.log_every == 0 or last:
+                dt = (time.time() - t0) / max(self.step - t0_step, 1)
+                items = args.batch_size * args.grad_accum * self.world_size
+                record = {"step": self.step, "loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item(),
+                          "ms_per_step": 1000 * dt, "items_per_s": items / dt}
+                record.update({k: float(v) for k, v in logs.items()})
+                self.log(record, bar)
+                t0, t0_step = time.time(), self.step
+            if self.step % args.eval_every == 0 or last:
+                if self.master and evaluate is not None:
+                    metrics = {"step": self.step, **evaluate(self.step)}
+                    write_json_atomic(metrics, os.path.join(self.out, "metrics.json"))
+                    bar.write(" | ".join(f"{k} {_fmt(v)}" for k, v in metrics.items()))
+                self.save()
+                t0, t0_step = time.time(), self.step  # do not count evaluation time as step time
+        bar.close()
+        if self.ddp:
+            dist.destroy_process_group()
+
+    def to_device(self, batch):
+        """Move the tensors of a batch (a tensor, or a tuple/list/dict holding some) to the device."""
+        if torch.is_tensor(batch):
+            return batch.to(self.device, non_blocking=True)
+        if isinstance(batch, (list, tuple)):
+            return type(batch)(self.to_device(b) for b in batch)
+        if isinstance(batch, dict):
+            return {k: self.to_device(v) for k, v in batch.items()}
+        return batch
+
+    def log(self, record: dict, bar=None):
+        if not self.master:
+            return
+        line = (f"step {record['step']} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | grad norm "
+                f"{record['grad_norm']:.3f} | {record['ms_per_step']:.0f} ms/step | "
+                f"{record['items_per_s']:.1f} items/s")
+        (bar.write if bar is not None else print)(line)
+        with open(os.path.join(self.out, "log.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    # --- checkpoints -------------------------------------------------------------------------------
+
+    def eval_model(self) -> nn.Module:
+        """The weights to evaluate and sample with: the EMA when there is one."""
+        return self.ema.model if self.ema is not None else self.raw_model
+
+    def save(self):
+        """Every rank calls this (DDP ranks wait for the master); only the master writes."""
+        if self.master:
+            save_atomic({
+                "format": CHECKPOINT_FORMAT, "stage": self.stage, "config": dataclasses.asdict(self.cfg),
+                "model": self.raw_model.state_dict(),
+                "ema": self.ema.model.state_dict() if self.ema is not None else None,
+                "ema_updates": self.ema.updates if self.ema is not None else 0,
+                "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                "step": self.step, "steps": self.args.steps,
+                "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+                "args": {k: v for k, v in vars(self.args).items() if not k.startswith("_")},
+                **self.extra_state,
+            }, self.ckpt_path)
+        if self.ddp:
+            dist.barrier()
+
+    def _restore(self, ckpt: dict):
+        self.raw_model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        if self.ema is not None and ckpt.get("ema") is not None:
+            self.ema.model.load_state_dict(ckpt["ema"])
+            self.ema.updates = ckpt["ema_updates"]
+        self.step = ckpt["step"]
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        random.setstate(ckpt["rng"]["python"])
+        if ckpt["rng"]["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+
+
+def _fmt(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def main(fn: Callable[[], None]) -> None:
+    """Run a script's main(): a UserError is one line on stderr and exit status 2, no traceback."""
+    try:
+        fn()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: the last checkpoint on disk is intact; continue with --resume", file=sys.stderr)
+        sys.exit(130)
