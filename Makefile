@@ -1,0 +1,31 @@
+# make demo: set up a venv and run the main job (train the toy models on the built-in data, sample).
+# make test: set up the venv if needed and run the test suite.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: demo test venv clean
+
+$(VENV)/.installed: requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	# torch first, pinned: an unpinned torch can pull a multi-GB CUDA build; 2.13.0 is a CPU build here
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0 || $(PY) -m pip install -q "torch>=2.2"
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -e .
+	touch $@
+
+venv: $(VENV)/.installed
+
+# Re-running skips a stage whose checkpoint is complete, and resumes one that was interrupted.
+demo: venv
+	@if $(PY) -c "import sys, torch; c = torch.load('out/dvae/ckpt.pt', weights_only=True); sys.exit(c['step'] < c['steps'])" 2>/dev/null; \
+	then echo "dvae: out/dvae/ckpt.pt is complete, skipping (make clean to retrain)"; \
+	else $(PY) train_dvae.py $$([ -f out/dvae/ckpt.pt ] && echo --resume); fi
+	@echo "reconstructions: out/dvae/recon.png, metrics: out/dvae/metrics.json"
+
+test: venv
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf out

@@ -1,0 +1,96 @@
+"""Stage 1 of DALL-E: train the discrete VAE (nanodalle/dvae.py).
+
+    python train_dvae.py                      # toy preset on the built-in shapes, a few minutes on a CPU
+    python train_dvae.py --data my_images/ --size small
+    torchrun --nproc_per_node 8 train_dvae.py --size full --data shards/
+    python train_dvae.py --size full --dry-run
+
+Writes OUT/ckpt.pt, OUT/log.jsonl, OUT/metrics.json (held-out psnr, mse, perplexity, codes_used_frac)
+and OUT/recon.png (pairs of rows: held-out images above, their reconstructions from argmax codes below).
+"""
+import math
+
+import torch
+
+from nanodalle import data, train_utils
+from nanodalle.dvae import DVAE, DVAEConfig, PRESETS, cosine
+
+# Training settings per preset. Paper (App. A.2): AdamW (0.9, 0.999, 1e-8), wd 1e-4, lr 1e-4 cosine to
+# 1.25e-6, batch 512, 3M updates. The toy preset trades those for speed on a 2-core CPU.
+TRAIN = {
+    "toy": dict(steps=1500, batch_size=32, lr=2e-3, weight_decay=1e-4),
+    "small": dict(steps=200_000, batch_size=64, lr=1e-4, weight_decay=1e-4),
+    "full": dict(steps=3_000_000, batch_size=8, lr=1e-4, weight_decay=1e-4),  # 8 per GPU × 64 GPUs = 512
+}
+EVAL_IMAGES = 512
+
+
+def codebook_usage(codes: torch.Tensor, vocab_size: int) -> tuple[float, float]:
+    """Perplexity exp(H(p)) of the code histogram p, and the fraction of the K codes used at all."""
+    counts = torch.bincount(codes.flatten(), minlength=vocab_size).double()
+    p = counts[counts > 0] / counts.sum()
+    return math.exp(-(p * p.log()).sum().item()), (counts > 0).float().mean().item()
+
+
+@torch.no_grad()
+def evaluate_dvae(model: DVAE, images: torch.Tensor, batch_size: int = 128) -> tuple[dict, torch.Tensor]:
+    """Held-out reconstruction from argmax codes (what the transformer will see): PSNR on [0, 1] pixels."""
+    model.eval()
+    device = next(model.parameters()).device
+    codes, recons = [], []
+    for i in range(0, len(images), batch_size):
+        c = model.encode(images[i:i + batch_size].to(device))    # (b, h, w)
+        codes.append(c)
+        recons.append(model.decode(c).float().cpu())             # (b, C, H, W)
+    codes, recons = torch.cat(codes), torch.cat(recons)
+    mse = ((recons - images) / 2).pow(2).mean().item()          # /2: [-1, 1] -> [0, 1] scale
+    perplexity, used = codebook_usage(codes, model.cfg.vocab_size)
+    metrics = {"psnr": 10 * math.log10(1 / max(mse, 1e-12)), "mse": mse, "perplexity": perplexity,
+               "perplexity_frac": perplexity / model.cfg.vocab_size, "codes_used_frac": used}
+    return metrics, recons
+
+
+def main():
+    parser = train_utils.make_parser("dvae", __doc__.split("\n")[0], DVAEConfig, PRESETS, TRAIN)
+    parser.add_argument("--random-crop", action="store_true", help="random instead of centre crops (user data)")
+    args = parser.parse_args()
+    cfg = train_utils.config_from_args(DVAEConfig, PRESETS, args)
+    if args.dry_run:
+        return train_utils.dry_run(lambda: DVAE(cfg), cfg)
+    if cfg.recon not in ("mse", "logit_laplace"):
+        raise train_utils.UserError(f"--recon {cfg.recon!r}: choose mse or logit_laplace")
+
+    trainer = train_utils.Trainer(args, "dvae", cfg, lambda: DVAE(cfg))
+    cfg = trainer.cfg  # on --resume, the checkpoint's config
+    train_set = data.make_dataset(args.data, cfg.image_size, "train", args.random_crop,
+                                  trainer.rank, trainer.world_size, args.seed)
+    val_set = data.make_dataset(args.data, cfg.image_size, "val")
+    val_images = data.first_images(val_set, EVAL_IMAGES)
+    batches = data.loader(train_set, args.batch_size, trainer.rank, trainer.world_size,
+                          seed=args.seed + trainer.step, num_workers=args.num_workers,
+                          pin_memory=trainer.device.type == "cuda")
+
+    def loss_fn(model, batch, step):
+        images, _ = batch                                                     # (B, C, H, W), captions unused
+        tau = cosine(step, cfg.temp_start, cfg.temp_end, cfg.temp_steps)      # App. A.2: τ 1 -> 1/16
+        beta = cosine(step, 0.0, cfg.kl_weight, cfg.kl_warmup)                # App. A.2: β 0 -> 6.6
+        loss, _ = model(images, tau, beta)
+        return loss, {"tau": tau, "beta": beta}
+
+    def evaluate(step):
+        model = trainer.eval_model()
+        metrics, recons = evaluate_dvae(model, val_images)
+        model.train()
+        n = min(32, len(val_images))
+        rows = []  # pairs of rows of 8: originals, then their reconstructions
+        for i in range(0, n, 8):
+            rows += [val_images[i:i + 8], recons[i:i + 8]]
+        train_utils.save_grid(torch.cat(rows), f"{trainer.out}/recon.png", nrow=8)
+        skipped = data.skipped_summary(train_set)
+        return {**metrics, **({"skipped": skipped} if skipped else {})}
+
+    trainer.fit(batches, loss_fn, evaluate)
+
+
+if __name__ == "__main__":
+    train_utils.main(main)
