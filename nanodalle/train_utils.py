@@ -37,43 +37,61 @@ CHECKPOINT_FORMAT = 1
 # ----------------------------------------------------------------------------------------------------
 # command line
 
+# training settings a preset may set (train_defaults in each train_*.py); these apply where it does not
+GLOBAL_TRAIN_DEFAULTS = dict(steps=1000, batch_size=32, lr=3e-4, min_lr_frac=0.1, weight_decay=0.0, ema=0.0)
+
+
 def make_parser(stage: str, description: str, config_cls, presets: dict, train_defaults: dict):
     """The common flags of every train_*.py, then one --flag per field of the model's config dataclass.
 
-    Config flags default to None so that the preset's value wins unless the user gives one.
-    train_defaults: per-preset training settings, e.g. {"toy": dict(steps=2000, batch_size=32, lr=1e-3)}.
+    Flags whose default depends on --size default to None here and are filled in by config_from_args;
+    their help lists the value per preset. train_defaults: {"toy": dict(steps=2000, lr=1e-3), ...}.
     """
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    def per_preset(key, values: dict) -> str:  # "toy: 64, small: 128, full: 256" (or one value)
+        shown = {name: values[name].get(key, GLOBAL_TRAIN_DEFAULTS.get(key)) for name in presets}
+        if len(set(map(str, shown.values()))) == 1:
+            return f"default: {next(iter(shown.values()))}"
+        return "default: " + ", ".join(f"{name} {v}" for name, v in shown.items())
+
+    def preset_default(key):
+        return per_preset(key, train_defaults)
+
+    p = argparse.ArgumentParser(description=description)
     g = p.add_argument_group("common")
-    g.add_argument("--size", default="toy", help=f"model preset: {', '.join(presets)}")
-    g.add_argument("--data", default="shapes", help="'shapes' (built in), a folder of images + .txt captions, or .tar shards")
-    g.add_argument("--out", default=f"out/{stage}", help="output directory (ckpt.pt, log.jsonl, metrics.json, grids)")
-    g.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the preset's)")
-    g.add_argument("--batch-size", type=int, default=None, help="images per step per process (default: the preset's)")
-    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    g.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the preset's)")
-    g.add_argument("--min-lr-frac", type=float, default=0.1, help="cosine decay ends at lr × this")
-    g.add_argument("--warmup", type=int, default=None, help="linear warm-up steps (default: 2%% of --steps)")
-    g.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay on ≥2-D weights")
-    g.add_argument("--grad-clip", type=float, default=1.0, help="clip the global grad norm (0: off)")
-    g.add_argument("--ema", type=float, default=None, help="EMA decay of the weights (0: off)")
-    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    g.add_argument("--size", default="toy", help=f"model preset: {', '.join(presets)} (default: toy)")
+    g.add_argument("--data", default="shapes",
+                   help="'shapes' (built in, the default), a folder of images + .txt captions, or .tar shards")
+    g.add_argument("--out", default=f"out/{stage}",
+                   help=f"output directory: ckpt.pt, log.jsonl, metrics.json, grids (default: out/{stage})")
+    g.add_argument("--steps", type=int, help=f"optimizer steps ({preset_default('steps')})")
+    g.add_argument("--batch-size", type=int, help=f"images per step per process ({preset_default('batch_size')})")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default: 1)")
+    g.add_argument("--lr", type=float, help=f"peak learning rate ({preset_default('lr')})")
+    g.add_argument("--min-lr-frac", type=float, help=f"the cosine ends at lr × this ({preset_default('min_lr_frac')})")
+    g.add_argument("--warmup", type=int, help="linear warm-up steps (default: 2%% of --steps)")
+    g.add_argument("--weight-decay", type=float,
+                   help=f"AdamW weight decay of ≥2-D weights ({preset_default('weight_decay')})")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="clip the global grad norm, 0: off (default: 1.0)")
+    g.add_argument("--ema", type=float, help=f"EMA decay of the weights, 0: off ({preset_default('ema')})")
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
+                   help="auto: cuda, then mps, then cpu (default: auto)")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="auto: bfloat16 autocast on CUDA where supported (else float16), float32 on CPU/MPS")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="(default: 0)")
     g.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
-    g.add_argument("--log-every", type=int, default=50, help="steps between log lines")
-    g.add_argument("--eval-every", type=int, default=None, help="steps between evaluations + checkpoints")
-    g.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
+    g.add_argument("--log-every", type=int, default=50, help="steps between log lines (default: 50)")
+    g.add_argument("--eval-every", type=int, help="steps between evaluations + checkpoints (default: steps / 4)")
+    g.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes (default: 0)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--dry-run", action="store_true", help="build on the meta device, print config and size, exit")
     p.set_defaults(_stage=stage, _train_defaults=train_defaults)
-    c = p.add_argument_group(f"model config (override the preset: {config_cls.__name__})")
+    c = p.add_argument_group(f"model config: override a field of the preset ({config_cls.__name__})")
     for f in dataclasses.fields(config_cls):
-        kind = {"int": int, "float": float, "str": str, "bool": _parse_bool}.get(
-            f.type if isinstance(f.type, str) else f.type.__name__, str)
+        type_name = f.type if isinstance(f.type, str) else f.type.__name__  # "int", "float", "str", "bool"
+        kind = {"int": int, "float": float, "bool": _parse_bool}.get(type_name, str)
+        fallback = {name: {f.name: presets[name].get(f.name, f.default)} for name in presets}
         c.add_argument("--" + f.name.replace("_", "-"), dest="cfg_" + f.name, type=kind, default=None,
-                       metavar=kind.__name__.upper().lstrip("_"), help=f"(preset default: {f.default})")
+                       metavar=type_name.upper(), help=f"({per_preset(f.name, fallback)})")
     return p
 
 
@@ -100,7 +118,7 @@ def config_from_args(config_cls, presets: dict, args):
     for key, value in args._train_defaults.get(args.size, {}).items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
-    for key, value in dict(steps=1000, batch_size=32, lr=3e-4, weight_decay=0.0, ema=0.0).items():
+    for key, value in GLOBAL_TRAIN_DEFAULTS.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.warmup is None:
@@ -110,10 +128,10 @@ def config_from_args(config_cls, presets: dict, args):
     return config_cls(**values)
 
 
-def dry_run(make_model: Callable[[], nn.Module], cfg) -> None:
+def dry_run(make_model: Callable[[object], nn.Module], cfg) -> None:
     """Build the model on the meta device (no memory is allocated) and print its config and size."""
     with torch.device("meta"):
-        model = make_model()
+        model = make_model(cfg)
     print(json.dumps(dataclasses.asdict(cfg), indent=2))
     for name, child in model.named_children():
         print(f"  {name:<24s} {count_params(child) / 1e6:10.2f}M parameters")
@@ -207,8 +225,12 @@ class EMA:
 def save_atomic(obj, path: str) -> None:
     """torch.save to a temporary file in the same directory, then rename: a kill never leaves half a file."""
     tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):  # the save failed: remove the partial file, keep the old checkpoint
+            os.remove(tmp)
 
 
 def write_json_atomic(obj, path: str) -> None:
@@ -278,7 +300,7 @@ class Trainer:
     may be wrapped by DDP and torch.compile (used for the training forward only).
     """
 
-    def __init__(self, args, stage: str, cfg, make_model: Callable[[], nn.Module], betas=(0.9, 0.999),
+    def __init__(self, args, stage: str, cfg, make_model: Callable[[object], nn.Module], betas=(0.9, 0.999),
                  eps: float = 1e-8, extra_state: dict | None = None):
         self.args, self.stage, self.cfg = args, stage, cfg
         self.extra_state = extra_state or {}  # saved in every checkpoint: tokenizer, upstream models...
@@ -315,13 +337,15 @@ class Trainer:
         random.seed(args.seed)
         np.random.seed(args.seed)
         torch.manual_seed(args.seed)
-        self.raw_model = make_model().to(self.device)
+        self.raw_model = make_model(self.cfg).to(self.device)  # on --resume, the checkpoint's config
         self.optimizer = configure_optimizers(self.raw_model, args.lr, args.weight_decay, betas, eps,
                                               self.device.type)
         self.ema = EMA(self.raw_model, args.ema) if args.ema > 0 else None
         self.step = 0
         if resume_ckpt is not None:
             self._restore(resume_ckpt)
+            if self.master:
+                self._truncate_log()
         self.model = self.raw_model
         if self.ddp:
             ids = [self.local_rank] if self.device.type == "cuda" else None
@@ -432,6 +456,24 @@ class Trainer:
             }, self.ckpt_path)
         if self.ddp:
             dist.barrier()
+
+    def _truncate_log(self):
+        """After a kill, log.jsonl may hold steps past the checkpoint: drop them (and a half-written line)."""
+        path = os.path.join(self.out, "log.jsonl")
+        if not os.path.exists(path):
+            return
+        kept = []
+        with open(path) as f:
+            for line in f:
+                try:
+                    if json.loads(line)["step"] <= self.step:
+                        kept.append(line if line.endswith("\n") else line + "\n")
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    pass
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+        os.replace(tmp, path)
 
     def _restore(self, ckpt: dict):
         self.raw_model.load_state_dict(ckpt["model"])
