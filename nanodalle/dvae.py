@@ -43,6 +43,9 @@ class DVAEConfig:
     temp_end: float = 1 / 16
     temp_steps: int = 150_000
     hard: bool = False          # straight-through hard one-hot samples instead of soft relaxed ones
+    # Not in DALL-E: weight of a codebook diversity term, KL(mean_{batch, positions} q || uniform), as in
+    # wav2vec 2.0 (§3.2, Baevski et al. 2020). It keeps small runs from collapsing onto a few codes.
+    diversity_weight: float = 0.0
 
     @property
     def grid_size(self) -> int:
@@ -204,6 +207,9 @@ class DVAE(nn.Module):
         recon_loss = self.reconstruction_loss(x, stats)          # per pixel value
         kl = kl_to_uniform(logits).sum((1, 2)).mean()            # per image, summed over the h·w positions
         loss = recon_loss + kl_weight * kl / x[0].numel()
+        if self.cfg.diversity_weight > 0:
+            mean_q = F.softmax(logits, dim=1).mean((0, 2, 3))     # (K,) how often each code is chosen
+            loss = loss + self.cfg.diversity_weight * kl_to_uniform(mean_q.log(), dim=0)
         return loss, self.stats_to_image(stats)
 
     def reconstruction_loss(self, x: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
