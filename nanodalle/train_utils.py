@@ -48,7 +48,7 @@ def make_parser(stage: str, description: str, config_cls, presets: dict, train_d
     their help lists the value per preset. train_defaults: {"toy": dict(steps=2000, lr=1e-3), ...}.
     """
     def per_preset(key, values: dict) -> str:  # "toy: 64, small: 128, full: 256" (or one value)
-        shown = {name: values[name].get(key, GLOBAL_TRAIN_DEFAULTS.get(key)) for name in presets}
+        shown = {name: values.get(name, {}).get(key, GLOBAL_TRAIN_DEFAULTS.get(key)) for name in presets}
         if len(set(map(str, shown.values()))) == 1:
             return f"default: {next(iter(shown.values()))}"
         return "default: " + ", ".join(f"{name} {v}" for name, v in shown.items())
