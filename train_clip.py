@@ -1,0 +1,194 @@
+"""Train CLIP (nanodalle/clip.py): the shared image-text embedding of DALL-E 1 (reranking) and unCLIP.
+
+    python train_clip.py                      # toy preset on the built-in shapes, ~10 minutes on a 2-core CPU
+    python train_clip.py --data my_images/ --size small
+    torchrun --nproc_per_node 8 train_clip.py --size full --data shards/
+    python train_clip.py --size full --dry-run
+
+Writes OUT/ckpt.pt (with the tokenizer's state under "tokenizer"), OUT/log.jsonl and OUT/metrics.json:
+  t2i_top1_100, i2t_top1_100   held-out retrieval: the first 1000 "val" pairs in chunks of 100; a caption is
+                               right when its own image scores highest of the 100 (and the other way round)
+  zeroshot_color/shape/position  (--data shapes only) zero-shot accuracy on the single-object val images
+
+The contrastive batch. Each caption's negatives are the other images of its batch, so the batch size is part
+of the objective (CLIP used 32,768). With DDP every rank all-gathers the features of all ranks and computes
+the loss over the global batch (world size × --batch-size pairs): see gather_features. Gradient
+accumulation does NOT enlarge the contrastive batch: each micro-batch's negatives are only its own.
+"""
+import torch
+import torch.distributed as dist
+
+from nanodalle import data, shapes, train_utils
+from nanodalle.clip import CLIP, CLIPConfig, PRESETS
+
+# Training settings per preset. Paper (§2.5 and its hyperparameter tables): AdamW β (0.9, 0.98), ε 1e-6,
+# decoupled weight decay 0.2, 2000 warm-up steps then a cosine, batch 32,768, 32 epochs of 400M pairs.
+# The toy preset trades those for speed on a 2-core CPU: many small steps beat few large ones there.
+TRAIN = {
+    "toy": dict(steps=2400, batch_size=256, lr=2e-3, warmup=100, min_lr_frac=0.05, weight_decay=0.1),
+    "small": dict(steps=100_000, batch_size=512, lr=5e-4, warmup=2000, min_lr_frac=0.0, weight_decay=0.2),
+    "full": dict(steps=400_000, batch_size=128, lr=4e-4, warmup=2000, min_lr_frac=0.0, weight_decay=0.2),  # ×256 GPUs
+    "unclip": dict(steps=400_000, batch_size=128, lr=4e-4, warmup=2000, min_lr_frac=0.0, weight_decay=0.2),
+}
+BETAS, EPS = (0.9, 0.98), 1e-6  # CLIP's hyperparameter tables for ViTs: β2 0.98, ε 1e-6
+EVAL_PAIRS, CHUNK = 1000, 100
+# Zero-shot prompts in the captions' own words: the toy text encoder has never read "a photo of a red shape"
+# (shapes.attribute_prompts' templates; we keep its class names). Each class is the ensemble of every
+# single-object caption naming it, over all values of the other attributes, scored by their mean probability
+# (CLIP §3.1.4, prompt ensembling; see CLIP.zero_shot_classify).
+POSITION_WORDS = {"left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom",
+                  "center": "in the center"}
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """y = x in the forward; the gradient times `scale` in the backward."""
+
+    @staticmethod
+    def forward(ctx, x, scale):
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale, None
+
+
+def gather_features(image_features, text_features):
+    """All-gather (B, D) features from the W DDP ranks into (W·B, D), in rank order: the global batch.
+
+    dist.all_gather returns copies without gradient, so the local slice is replaced by the local tensors
+    (open_clip's trick): every rank computes the same global loss L and back-propagates into its own
+    features only. DDP then *averages* the W ranks' gradients, which would give 1/W of dL/dθ (the sum of the
+    W local parts); scaling the local slice's gradient by W makes the average exactly dL/dθ, the gradient of
+    one process holding the whole batch. (logit_scale is the same on every rank and needs no scaling.)
+    """
+    world, rank = dist.get_world_size(), dist.get_rank()
+    gathered = []
+    for x in (image_features, text_features):
+        parts = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(parts, x.detach().contiguous())  # every rank's (B, D), no gradient
+        parts[rank] = _ScaleGrad.apply(x, world)
+        gathered.append(torch.cat(parts))  # (W·B, D)
+    return gathered
+
+
+def first_pairs(dataset, n: int):
+    """The first n (image, caption) pairs of a data set: (n, 3, H, W) images and n captions, fixed."""
+    if isinstance(dataset, torch.utils.data.IterableDataset):
+        dataset.loop = False  # tar shards: one pass, so a small validation split is not repeated
+        samples = iter(dataset)
+    else:
+        samples = (dataset[i] for i in range(min(n, len(dataset))))
+    pairs = [s for _, s in zip(range(n), samples)]
+    if not pairs:
+        raise train_utils.UserError("the validation split is empty: add data (about 1% of samples go to validation)")
+    return torch.stack([image for image, _ in pairs]), [caption for _, caption in pairs]
+
+
+@torch.no_grad()
+def embed_pairs(model: CLIP, images, tokens, batch_size: int = 250):
+    """(N, D) image and text embeddings, computed batch_size at a time."""
+    device = model.logit_scale.device
+    img = torch.cat([model.encode_image(images[i:i + batch_size].to(device)) for i in range(0, len(images), batch_size)])
+    txt = torch.cat([model.encode_text(tokens[i:i + batch_size].to(device)) for i in range(0, len(tokens), batch_size)])
+    return img.float(), txt.float()
+
+
+def retrieval_top1(img, txt, chunk: int = CHUNK) -> tuple[float, float]:
+    """Top-1 retrieval among `chunk` candidates: the N pairs are cut into chunks of `chunk` (fewer than
+    `chunk` pairs: one chunk of all); caption i is right when image i scores highest among its chunk's
+    images (text -> image), image i when caption i does (image -> text). Averaged over the chunks."""
+    chunk = min(chunk, len(img))
+    n = len(img) // chunk * chunk
+    t2i = i2t = 0
+    for s in range(0, n, chunk):
+        sim = img[s:s + chunk] @ txt[s:s + chunk].t()  # (chunk, chunk): sim[i, j] = image i · caption j
+        own = torch.arange(chunk, device=sim.device)
+        t2i += (sim.argmax(dim=0) == own).sum().item()  # column j: which image fits caption j best?
+        i2t += (sim.argmax(dim=1) == own).sum().item()  # row i: which caption fits image i best?
+    return t2i / n, i2t / n
+
+
+def zero_shot_prompts(attr: str) -> list[list[str]]:
+    """For each class of shapes.attribute_prompts(attr): every single-object caption that names it."""
+    names, _ = shapes.attribute_prompts(attr)
+    scenes = [dict(size=size, color=color, shape=shape, position=pos) for size in shapes.SIZES
+              for color in shapes.COLORS for shape in shapes.SHAPES for pos in shapes.POSITIONS]
+    return [[f"a {s['size']} {s['color']} {s['shape']} {POSITION_WORDS[s['position']]}" for s in scenes
+             if s[attr] == name] for name in names]
+
+
+def main():
+    parser = train_utils.make_parser("clip", __doc__.split("\n")[0], CLIPConfig, PRESETS, TRAIN)
+    parser.add_argument("--tokenizer", help="a .tiktoken file or tiktoken encoding name (default: the shipped "
+                                            "vocabulary; on --resume the checkpoint's)")
+    parser.add_argument("--text-len", type=int, help="tokens per caption, eot included (default: context_length)")
+    args = parser.parse_args()
+    cfg = train_utils.config_from_args(CLIPConfig, PRESETS, args)
+    if args.dry_run:
+        return train_utils.dry_run(CLIP, cfg)
+    for what, width, heads in (("vision", cfg.vision_width, cfg.vision_heads), ("text", cfg.text_width, cfg.text_heads)):
+        if width % heads:
+            raise train_utils.UserError(f"--{what}-width {width} is not a multiple of --{what}-heads {heads}")
+    if cfg.image_size % cfg.patch_size:
+        raise train_utils.UserError(f"--image-size {cfg.image_size} is not a multiple of --patch-size {cfg.patch_size}")
+
+    tokenizer = train_utils.run_tokenizer(args, "clip")
+    if (cfg.vocab_size, cfg.eot_id) != (tokenizer.vocab_size, tokenizer.eot_id):
+        print(f"vocab_size {cfg.vocab_size} -> {tokenizer.vocab_size}, eot_id {cfg.eot_id} -> {tokenizer.eot_id}: "
+              f"the preset's values, set to those of the tokenizer {tokenizer.name!r}")
+        cfg.vocab_size, cfg.eot_id = tokenizer.vocab_size, tokenizer.eot_id
+    text_len = args.text_len or cfg.context_length
+    if not 2 <= text_len <= cfg.context_length:
+        raise train_utils.UserError(f"--text-len {text_len}: must be between 2 and context_length {cfg.context_length}")
+
+    def make_model(c):
+        model = CLIP(c)
+        model.tokenizer = tokenizer  # a plain attribute, not in the state dict: the checkpoint saves its state
+        return model
+
+    trainer = train_utils.Trainer(args, "clip", cfg, make_model, betas=BETAS, eps=EPS,
+                                  extra_state={"tokenizer": tokenizer.state()})
+    cfg, raw = trainer.cfg, trainer.raw_model  # on --resume, the checkpoint's config
+    train_set = data.make_dataset(args.data, cfg.image_size, "train", rank=trainer.rank,
+                                  world_size=trainer.world_size, seed=args.seed)
+    val_set = data.make_dataset(args.data, cfg.image_size, "val")
+    val_images, val_captions = first_pairs(val_set, EVAL_PAIRS)
+    val_tokens = tokenizer.encode_batch(val_captions, text_len)
+    single = []  # (--data shapes) the single-object val scenes: zero-shot colour, shape and position
+    if args.data == "shapes":
+        single = [i for i in range(len(val_images)) if len(val_set.scene(i).objects) == 1]
+    loader = data.loader(train_set, args.batch_size, trainer.rank, trainer.world_size,
+                         seed=args.seed + trainer.step, num_workers=args.num_workers,
+                         pin_memory=trainer.device.type == "cuda")
+    batches = ((images, tokenizer.encode_batch(captions, text_len)) for images, captions in loader)
+
+    def loss_fn(model, batch, step):
+        images, tokens = batch  # (B, 3, H, W), (B, T)
+        loss = model(images, tokens, gather=gather_features if trainer.ddp else None)
+        return loss, {"scale": raw.scale().detach()}  # 1/τ, the learned inverse temperature
+
+    def evaluate(step):
+        model = trainer.eval_model()
+        was_training = model.training
+        model.eval()
+        img, txt = embed_pairs(model, val_images, val_tokens)
+        t2i, i2t = retrieval_top1(img, txt)
+        metrics = {"t2i_top1_100": t2i, "i2t_top1_100": i2t}
+        if single:
+            images = val_images[single].to(trainer.device)
+            for attr in ("color", "shape", "position"):
+                names, _ = shapes.attribute_prompts(attr)
+                truth = torch.tensor([names.index(getattr(val_set.scene(i).objects[0], attr)) for i in single])
+                pred = model.zero_shot_classify(images, zero_shot_prompts(attr)).cpu()
+                metrics[f"zeroshot_{attr}"] = (pred == truth).float().mean().item()
+        model.train(was_training)
+        metrics["scale"] = model.scale().item()
+        skipped = data.skipped_summary(train_set)
+        return {**metrics, **({"skipped": skipped} if skipped else {})}
+
+    trainer.fit(batches, loss_fn, evaluate)
+
+
+if __name__ == "__main__":
+    train_utils.main(main)
