@@ -38,7 +38,8 @@ CHECKPOINT_FORMAT = 1
 # command line
 
 # training settings a preset may set (train_defaults in each train_*.py); these apply where it does not
-GLOBAL_TRAIN_DEFAULTS = dict(steps=1000, batch_size=32, lr=3e-4, min_lr_frac=0.1, weight_decay=0.0, ema=0.0)
+GLOBAL_TRAIN_DEFAULTS = dict(steps=1000, batch_size=32, lr=3e-4, min_lr_frac=0.1, weight_decay=0.0, ema=0.0,
+                             grad_clip=1.0)
 
 
 def make_parser(stage: str, description: str, config_cls, presets: dict, train_defaults: dict):
@@ -71,7 +72,7 @@ def make_parser(stage: str, description: str, config_cls, presets: dict, train_d
     g.add_argument("--warmup", type=int, help="linear warm-up steps (default: 2%% of --steps)")
     g.add_argument("--weight-decay", type=float,
                    help=f"AdamW weight decay of ≥2-D weights ({preset_default('weight_decay')})")
-    g.add_argument("--grad-clip", type=float, default=1.0, help="clip the global grad norm, 0: off (default: 1.0)")
+    g.add_argument("--grad-clip", type=float, help=f"clip the global grad norm, 0: off ({preset_default('grad_clip')})")
     g.add_argument("--ema", type=float, help=f"EMA decay of the weights, 0: off ({preset_default('ema')})")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
                    help="auto: cuda, then mps, then cpu (default: auto)")
@@ -254,6 +255,29 @@ def load_checkpoint(path: str, stage: str) -> dict:
     if ckpt["stage"] != stage:
         raise UserError(f"{path} is a '{ckpt['stage']}' checkpoint, but a '{stage}' checkpoint is needed here")
     return ckpt
+
+
+def resume_state(args, stage: str) -> dict | None:
+    """On --resume, the checkpoint OUT/ckpt.pt memory-mapped (its weights are not read): for what a script
+    needs before it builds its Trainer, like the tokenizer. None otherwise; the Trainer reports a bad one."""
+    if not args.resume:
+        return None
+    try:
+        ckpt = torch.load(os.path.join(args.out, "ckpt.pt"), map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return None
+    return ckpt if isinstance(ckpt, dict) and ckpt.get("stage") == stage else None
+
+
+def run_tokenizer(args, stage: str):
+    """The tokenizer of a run: on --resume the one saved in its checkpoint, else --tokenizer or the shipped one."""
+    from nanodalle.tokenizer import Tokenizer
+    ckpt = resume_state(args, stage)
+    if ckpt is None or "tokenizer" not in ckpt:
+        return Tokenizer(args.tokenizer)
+    if args.tokenizer is not None:
+        raise UserError(f"--resume uses the tokenizer saved in {args.out}/ckpt.pt: drop --tokenizer {args.tokenizer}")
+    return Tokenizer.from_state(ckpt["tokenizer"])
 
 
 def stage_script(stage: str) -> str:
