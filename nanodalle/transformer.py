@@ -221,11 +221,15 @@ class Transformer(nn.Module):
         return self.ln_f(x)
 
     def new_cache(self, batch_size: int, max_len: int, device=None, dtype=None) -> KVCache:
-        """An empty KVCache for this model; device and dtype default to the model's (under autocast,
-        pass the autocast dtype: it is the dtype keys and values come out in)."""
+        """An empty KVCache for this model. device defaults to the model's; dtype to the autocast dtype when
+        called inside torch.autocast (keys and values come out of the projections in it), else the model's."""
         w = self.ln_f.weight
+        device = device or w.device
+        if dtype is None:
+            autocast_on = torch.is_autocast_enabled(device.type)
+            dtype = torch.get_autocast_dtype(device.type) if autocast_on else w.dtype
         return KVCache(self.n_layer, batch_size, self.n_head, self.n_embd // self.n_head, max_len,
-                       device=device or w.device, dtype=dtype or w.dtype)
+                       device=device, dtype=dtype)
 
 
 def init_weights(module: nn.Module, n_layer: int) -> None:
