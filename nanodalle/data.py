@@ -158,6 +158,11 @@ class SkipCounter:
         if n == MAX_WARNINGS:
             log.warning(f"{MAX_WARNINGS} bad samples: further ones are skipped without a warning; see summary()")
 
+    def pick_caption(self, lines, rng):
+        """One random caption line (training), or all of them joined by newlines when the data set's
+        `all_captions` is set: train_transformer.py caches every line of an image with its codes."""
+        return "\n".join(lines) if getattr(self, "all_captions", False) else rng.choice(lines)
+
     def _skip_text(self):
         return ", ".join(f"{n} {reason}" for reason, n in sorted(self.skipped.items())) or "none"
 
@@ -219,7 +224,7 @@ class FolderDataset(Dataset, SkipCounter):
             except BadSample as e:
                 self._skip("unreadable image", self.paths[j], e.__cause__)
                 continue
-            return to_tensor(img, self.size, self.random_crop, self.rng), self.rng.choice(self.captions[j])
+            return to_tensor(img, self.size, self.random_crop, self.rng), self.pick_caption(self.captions[j], self.rng)
         raise UserError(f"no readable image under {self.root}: every image file failed to load")
 
     def summary(self):
@@ -275,7 +280,7 @@ class TarDataset(IterableDataset, SkipCounter):
             except BadSample as e:
                 self._skip("unreadable image", name, e.__cause__)
                 continue
-            yield to_tensor(img, self.size, self.random_crop, rng), rng.choice(lines)
+            yield to_tensor(img, self.size, self.random_crop, rng), self.pick_caption(lines, rng)
 
     def _shuffled(self, samples, rng):
         """A shuffle buffer: keep up to shuffle_buffer samples and emit a random one as each arrives."""
