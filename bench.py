@@ -1,0 +1,221 @@
+"""Time every stage's training step and sampling at fixed sizes (DESIGN.md: bench-toy, bench-long).
+
+    python bench.py                         # all stages on the best device, markdown table on stdout
+    python bench.py --json out/bench.json   # also write the numbers
+    python bench.py --only dalle --device cpu --steps 10
+
+For each training step: the median over --steps timed steps after --warmup untimed ones (forward, backward,
+AdamW), items/s, tokens/s, achieved GFLOP/s and its fraction of the matrix-multiply peak measured in the same
+run on the same device (a large square matmul, median of several), and peak memory. Sampling: DALL-E 1 with
+and without the KV cache.
+
+FLOP counts are the usual estimates: 6 · parameters per token for a transformer's matmuls (2 forward, 4
+backward) plus 12 · layers · T · C per token for attention scores (Kaplan et al. 2020; nanoGPT's MFU); for
+convolutional nets, the forward FLOPs counted by hooks on every Conv2d/Linear, times 3.
+"""
+import argparse
+import json
+import resource
+import statistics
+import time
+
+import torch
+import torch.nn as nn
+
+from nanodalle import train_utils
+from nanodalle.clip import CLIP, CLIPConfig
+from nanodalle.dalle import DALLE, DALLEConfig
+from nanodalle.dvae import DVAE, DVAEConfig
+
+# bench-toy and bench-long, as fixed in DESIGN.md: do not change them, results are compared over time
+SIZES = {
+    "dvae": DVAEConfig(image_size=32, group_count=3, n_hid=64, n_init=64, vocab_size=512),
+    "clip": CLIPConfig(image_size=32, patch_size=4, vision_width=256, vision_layers=4, vision_heads=8,
+                       text_width=256, text_layers=4, text_heads=8, context_length=32, vocab_size=1024,
+                       eot_id=1022, embed_dim=256),
+    "dalle_toy": DALLEConfig(text_len=32, text_vocab=1024, pad_id=1023, grid_size=8, image_vocab=512, n_layer=4,
+                             n_head=8, n_embd=256),
+    "dalle_long": DALLEConfig(text_len=64, text_vocab=1024, pad_id=1023, grid_size=16, image_vocab=1024, n_layer=8,
+                              n_head=8, n_embd=512),
+}
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def timed(fn, device, steps: int, warmup: int) -> float:
+    """Median seconds of fn() over `steps` calls after `warmup` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(steps):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def matmul_peak(device, dtype) -> float:
+    """FLOP/s of a large square matmul: the ceiling that MFU is measured against."""
+    n = 2048 if device.type == "cpu" else 8192
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    return 2 * n ** 3 / timed(lambda: a @ b, device, steps=7, warmup=2)
+
+
+def peak_memory_mb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the process's peak RSS (Linux: KiB)
+
+
+def conv_flops(model: nn.Module, *inputs) -> float:
+    """Forward FLOPs of the Conv2d and Linear layers, counted with hooks on one forward pass."""
+    total = 0
+
+    def hook(m, inp, out):
+        nonlocal total
+        if isinstance(m, nn.Conv2d):
+            total += 2 * out.numel() * m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1]
+        else:
+            total += 2 * out.numel() * m.in_features
+    hooks = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    with torch.no_grad():
+        model(*inputs)
+    for h in hooks:
+        h.remove()
+    return total
+
+
+def train_step_fn(model, loss_fn, device, dtype):
+    """One optimizer step: forward, backward, AdamW (the Trainer's settings)."""
+    opt = train_utils.configure_optimizers(model, 1e-4, 0.01, device_type=device.type)
+
+    def step():
+        with train_utils.autocast(device, dtype):
+            loss = loss_fn()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def transformer_flops_per_token(n_params: int, n_layer: int, T: int, C: int) -> float:
+    return 6 * n_params + 12 * n_layer * T * C
+
+
+# ----------------------------------------------------------------------------------------------------
+
+def bench_dvae(device, dtype, args):
+    cfg = SIZES["dvae"]
+    model = DVAE(cfg).to(device).to(memory_format=torch.channels_last)
+    x = (torch.rand(16, 3, 32, 32, device=device) * 2 - 1).contiguous(memory_format=torch.channels_last)
+    step = train_step_fn(model, lambda: model(x, 0.5, 1e-3)[0], device, dtype)
+    s = timed(step, device, args.steps, args.warmup)
+    flops = 3 * conv_flops(model, x, 0.5, 1e-3)
+    return [{"stage": "dvae", "what": "train step, bench-toy batch 16", "ms": 1000 * s, "items_s": 16 / s,
+             "gflops": flops / s / 1e9}]
+
+
+def bench_clip(device, dtype, args):
+    cfg = SIZES["clip"]
+    model = CLIP(cfg).to(device)
+    B = 32
+    images = torch.rand(B, 3, 32, 32, device=device) * 2 - 1
+    tokens = torch.randint(0, 1022, (B, cfg.context_length), device=device)
+    tokens[:, -1] = cfg.eot_id
+    step = train_step_fn(model, lambda: model(images, tokens), device, dtype)
+    s = timed(step, device, args.steps, args.warmup)
+    n_img, n_txt = train_utils.count_params(model.image_encoder), train_utils.count_params(model.text_encoder)
+    T_img = (32 // 4) ** 2 + 1
+    flops = B * (T_img * transformer_flops_per_token(n_img, cfg.vision_layers, T_img, cfg.vision_width)
+                 + cfg.context_length * transformer_flops_per_token(n_txt, cfg.text_layers, cfg.context_length,
+                                                                    cfg.text_width))
+    return [{"stage": "clip", "what": "train step, bench-toy batch 32", "ms": 1000 * s, "items_s": B / s,
+             "tokens_s": B * (T_img + cfg.context_length) / s, "gflops": flops / s / 1e9}]
+
+
+def bench_dalle(device, dtype, args):
+    rows = []
+    for name, B in (("dalle_toy", 16), ("dalle_long", 4)):
+        cfg = SIZES[name]
+        model = DALLE(cfg).to(device)
+        text = torch.randint(0, cfg.text_vocab - 2, (B, cfg.text_len), device=device)
+        codes = torch.randint(0, cfg.image_vocab, (B, cfg.image_len), device=device)
+        step = train_step_fn(model, lambda: model(text, codes)[0], device, dtype)
+        s = timed(step, device, args.steps, args.warmup)
+        T = cfg.text_len + cfg.image_len
+        n = train_utils.count_params(model)
+        flops = B * T * transformer_flops_per_token(n, cfg.n_layer, T, cfg.n_embd)
+        size = name.split("_")[1]
+        rows.append({"stage": "dalle", "what": f"train step, bench-{size} batch {B}", "ms": 1000 * s,
+                     "items_s": B / s, "tokens_s": B * T / s, "gflops": flops / s / 1e9})
+    # sampling one image at bench-long, with and without the KV cache (the same codes either way)
+    cfg = SIZES["dalle_long"]
+    model = DALLE(cfg).to(device).eval()
+    for B in (1, 8):
+        text = torch.randint(0, cfg.text_vocab - 2, (B, cfg.text_len), device=device)
+        with torch.no_grad(), train_utils.autocast(device, dtype):
+            cached = timed(lambda: model.generate(text), device, max(2, args.steps // 3), 1)
+            rows.append({"stage": "dalle", "what": f"sample bench-long, KV cache, batch {B}",
+                         "ms": 1000 * cached / cfg.image_len, "unit": "ms/token", "items_s": B / cached,
+                         "tokens_s": B * cfg.image_len / cached})
+            if B == 1:
+                full = timed(lambda: model.generate(text, use_cache=False), device, 2, 0)
+                rows.append({"stage": "dalle", "what": "sample bench-long, recompute, batch 1",
+                             "ms": 1000 * full / cfg.image_len, "unit": "ms/token", "items_s": 1 / full,
+                             "tokens_s": cfg.image_len / full, "note": f"KV cache speed-up {full / cached:.1f}×"})
+    return rows
+
+
+STAGES = {"dvae": bench_dvae, "clip": bench_clip, "dalle": bench_dalle}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--only", choices=list(STAGES), action="append", help="bench these stages only (repeatable)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--steps", type=int, default=7, help="timed steps per measurement (default: 7)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default: 2)")
+    p.add_argument("--json", help="also write the results to this file")
+    args = p.parse_args()
+    device = train_utils.pick_device(args.device)
+    dtype = train_utils.pick_dtype(args.dtype, device)
+    torch.manual_seed(0)
+    peak = matmul_peak(device, dtype)
+    print(f"device {device}, dtype {str(dtype).replace('torch.', '')}, {torch.get_num_threads()} threads, "
+          f"matmul peak {peak / 1e9:.1f} GFLOP/s")
+    rows = []
+    for name in args.only or list(STAGES):
+        for row in STAGES[name](device, dtype, args):
+            if "gflops" in row:
+                row["mfu"] = row["gflops"] * 1e9 / peak
+            row["peak_mem_mb"] = peak_memory_mb(device)
+            rows.append(row)
+            print(format_row(row), flush=True)
+    print("\n| stage | what | time | items/s | tokens/s | GFLOP/s | of matmul peak | peak mem | note |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        print(format_row(row))
+    if args.json:
+        train_utils.write_json_atomic({"device": str(device), "dtype": str(dtype), "threads": torch.get_num_threads(),
+                                       "matmul_peak_gflops": peak / 1e9, "rows": rows}, args.json)
+
+
+def format_row(r: dict) -> str:
+    def num(key, fmt):
+        return format(r[key], fmt) if key in r else ""
+    return (f"| {r['stage']} | {r['what']} | {r['ms']:.1f} {r.get('unit', 'ms/step')} | {num('items_s', '.1f')} | "
+            f"{num('tokens_s', ',.0f')} | {num('gflops', '.1f')} | {num('mfu', '.0%')} | "
+            f"{r['peak_mem_mb']:.0f} MB | {r.get('note', '')} |")
+
+
+if __name__ == "__main__":
+    train_utils.main(main)
