@@ -226,7 +226,7 @@ class Transformer(nn.Module):
         w = self.ln_f.weight
         device = device or w.device
         if dtype is None:
-            autocast_on = torch.is_autocast_enabled(device.type)
+            autocast_on = device.type in ("cpu", "cuda", "mps") and torch.is_autocast_enabled(device.type)
             dtype = torch.get_autocast_dtype(device.type) if autocast_on else w.dtype
         return KVCache(self.n_layer, batch_size, self.n_head, self.n_embd // self.n_head, max_len,
                        device=device, dtype=dtype)

@@ -19,15 +19,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from conftest import ENV, ROOT
 from nanodalle import train_utils
 from nanodalle.clip import CLIP, CLIPConfig, contrastive_loss, eot_positions, load_clip
 from nanodalle.tokenizer import Tokenizer
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # for `import train_clip` (spawned DDP workers inherit sys.path)
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-for _k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):  # a stray torchrun env would turn every run into DDP
-    ENV.pop(_k, None)
 TINY = dict(image_size=16, patch_size=4, vision_width=32, vision_layers=2, vision_heads=2, text_width=32,
             text_layers=2, text_heads=2, context_length=12, vocab_size=50, eot_id=48, embed_dim=16)
 TINY_FLAGS = ["--image-size", "16", "--vision-width", "32", "--vision-layers", "1", "--vision-heads", "2",
@@ -35,12 +31,6 @@ TINY_FLAGS = ["--image-size", "16", "--vision-width", "32", "--vision-layers", "
               "--batch-size", "8"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def tiny_model(seed=0, **kw) -> CLIP:

@@ -17,13 +17,6 @@ from nanodalle.diffusion import GaussianDiffusion, guided, guided_batched
 T = 1000
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The machine is shared: one thread keeps the file fast and leaves the other core alone.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def np_alphas_cumprod(schedule: str, timesteps: int = T) -> np.ndarray:

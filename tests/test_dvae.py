@@ -19,22 +19,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import ROOT
 from nanodalle import dvae
 from nanodalle.dvae import (DVAE, DVAEConfig, PRESETS, cosine, gumbel_softmax, kl_to_uniform,
                             logit_laplace_nll, map_pixels, unmap_pixels)
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(n_hid=8, vocab_size=32, n_init=8)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Small convolutions on 2 OpenMP threads are ~50x slower than on one when the other core is busy
-    # (threads spin waiting for each other); one thread keeps this file fast on a shared machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def np_kl_to_uniform(logits: np.ndarray, axis: int = 1) -> np.ndarray:

@@ -16,11 +16,11 @@ import regex
 import tiktoken
 import torch
 
+from conftest import ROOT
 from nanodalle import UserError
 from nanodalle import tokenizer as T
 from nanodalle.tokenizer import DEFAULT_VOCAB, PAT_STR, Tokenizer, load, main, save, train
 
-ROOT = Path(__file__).resolve().parents[1]
 TEXTS = ["Hello World", "A small RED circle at the TOP", "café crème brûlée", "日本語のキャプション",
          "emoji 🎨🐶👩‍👩‍👧 mixed", "tabs\tand  double  spaces ", "numbers 1234567 and 3.14",
          "İstanbul ΣΊΣΥΦΟΣ", "<|endoftext|> is just text, not a special token", "", "\n"]

@@ -8,14 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import ENV, ROOT
 from nanodalle import train_utils
 from nanodalle.dalle import DALLEConfig
 from nanodalle.pipeline import DALLE1
 
-ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-for _k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
-    ENV.pop(_k, None)
 DVAE_FLAGS = ["--image-size", "16", "--group-count", "2", "--n-hid", "8", "--vocab-size", "32", "--n-init", "8",
               "--batch-size", "4"]
 CLIP_FLAGS = ["--image-size", "16", "--vision-width", "32", "--vision-layers", "1", "--vision-heads", "2",

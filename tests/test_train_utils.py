@@ -25,25 +25,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
+from conftest import ENV, ROOT
 from nanodalle import UserError, dvae, train_utils
 from nanodalle.dvae import DVAE, DVAEConfig, PRESETS, cosine
 import train_dvae
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--image-size", "16", "--group-count", "2", "--n-hid", "8", "--vocab-size", "32", "--n-init", "8",
         "--batch-size", "4"]
-# Small convolutions on 2 OpenMP threads are ~50x slower than on one when the other core is busy.
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-for _k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):  # a stray torchrun env would turn every run into DDP
-    ENV.pop(_k, None)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def run_dvae(*flags, timeout=120):

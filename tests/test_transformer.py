@@ -17,12 +17,6 @@ B, T, C, NH = 3, 12, 32, 4
 CTX_DIM, S_CTX = 24, 7
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def randn(*shape, seed=0):

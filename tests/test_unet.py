@@ -15,12 +15,6 @@ from nanodalle.unet import PRESETS, UNet, UNetConfig, timestep_embedding
 B = 2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def toy(name="toy", **over) -> UNet:

@@ -1,0 +1,30 @@
+"""Shared by every test file: one thread per test process, and how to run a script as a user would."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+# Scripts run in a subprocess on one thread: small convolutions on 2 OpenMP threads are ~50x slower than on
+# one when the other core is busy (the threads spin waiting for each other).
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+for _k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):  # a stray torchrun env would turn every run into DDP
+    ENV.pop(_k, None)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """The tests themselves on one thread too: fast on a shared 2-core machine, the other core left alone."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def run_script(script: str, *flags, timeout: int = 300) -> subprocess.CompletedProcess:
+    """python SCRIPT FLAGS... from the repository root, as a user runs it: (returncode, stdout, stderr)."""
+    return subprocess.run([sys.executable, script, *flags], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                          timeout=timeout)
