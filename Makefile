@@ -16,12 +16,10 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 
 venv: $(VENV)/.installed
 
+# Trains the toy stages in turn (dVAE, CLIP, DALL-E 1 transformer) and samples: nanodalle/demo.py.
 # Re-running skips a stage whose checkpoint is complete, and resumes one that was interrupted.
 demo: venv
-	@if $(PY) -c "import sys, torch; c = torch.load('out/dvae/ckpt.pt', weights_only=True); sys.exit(c['step'] < c['steps'])" 2>/dev/null; \
-	then echo "dvae: out/dvae/ckpt.pt is complete, skipping (make clean to retrain)"; \
-	else $(PY) train_dvae.py $$([ -f out/dvae/ckpt.pt ] && echo --resume); fi
-	@echo "reconstructions: out/dvae/recon.png, metrics: out/dvae/metrics.json"
+	$(PY) -m nanodalle.demo
 
 test: venv
 	$(PY) -m pytest -q
