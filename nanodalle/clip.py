@@ -125,17 +125,24 @@ class TextEncoder(nn.Module):
         self.transformer = Transformer(cfg.text_layers, C, cfg.text_heads)  # its ln_f is CLIP's ln_final
         self.proj = nn.Linear(C, cfg.embed_dim, bias=False)
 
-    def forward(self, tokens):
+    def features(self, tokens):
+        """(B, T) tokens -> (B, T, C) per-token features of the last layer (after ln_final)."""
         B, T = tokens.shape
         if T > self.context_length:
             raise ValueError(f"{T} text tokens, but the model's context_length is {self.context_length}")
         x = self.token_embedding(tokens) + self.pos_embedding[:T]  # (B, T, C)
         # Causal, as in CLIP: the eot token sees the whole caption and nothing after it, so padding
         # never changes the features (and the text encoder could be a language model, §2.4).
-        x = self.transformer(x, causal=True)  # (B, T, C)
+        return self.transformer(x, causal=True)  # (B, T, C)
+
+    def project(self, tokens, features):
+        """The caption's (B, D) embedding: the features (B, T, C) at each caption's eot token, projected."""
         eot = eot_positions(tokens, self.eot_id)  # (B,)
-        x = x[torch.arange(B, device=x.device), eot]  # (B, T, C) -> (B, C): the eot token of each caption
+        x = features[torch.arange(tokens.size(0), device=features.device), eot]  # (B, T, C) -> (B, C)
         return self.proj(x)  # (B, D)
+
+    def forward(self, tokens):
+        return self.project(tokens, self.features(tokens))  # (B, D)
 
 
 class CLIP(nn.Module):
@@ -177,6 +184,12 @@ class CLIP(nn.Module):
 
     def encode_text(self, tokens):
         return F.normalize(self.text_encoder(tokens), dim=-1)  # (B, D), unit length
+
+    def encode_text_with_tokens(self, tokens):
+        """In one pass: the unit (B, D) text embedding and the (B, T, text_width) per-token features of the
+        text encoder's last layer (after ln_final), which unCLIP's prior reads as "encoded text" (§2.2)."""
+        features = self.text_encoder.features(tokens)  # (B, T, C)
+        return F.normalize(self.text_encoder.project(tokens, features), dim=-1), features
 
     def forward(self, images, tokens, gather=None):
         """The contrastive loss of a batch of pairs. `gather` (DDP): a function mapping the local

@@ -25,7 +25,7 @@ def state_hash(state: dict) -> str:
     h = hashlib.sha256()
     for name in sorted(state):
         h.update(name.encode())
-        h.update(state[name].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(state[name].detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())  # 0-d too
     return h.hexdigest()[:16]
 
 
