@@ -24,7 +24,6 @@ import os
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from nanodalle import UserError, data, train_utils
 from nanodalle.clip import load_clip
@@ -46,58 +45,22 @@ VAL_CAPTIONS, SAMPLE_CAPTIONS = 2048, 200
 # ----------------------------------------------------------------------------------------------------
 # the embedding cache
 
-@torch.no_grad()
-def encode_split(clip, spec: str, split: str, clip_hash: str, path: str, max_images, batch_size: int = 256,
-                 num_workers: int = 0) -> dict:
-    """Embed a split with the frozen CLIP, or load the cache at `path` if it matches (as train_transformer.py
-    caches dVAE codes)."""
+def encode_split(clip, spec: str, split: str, clip_hash: str, path: str, max_images, num_workers: int = 0) -> dict:
+    """CLIP's image embedding of every image of a split and, for every caption line, its text embedding,
+    per-token features and length, cached at `path`. caption_image[i] is the image of caption line i."""
     tag = {"clip_hash": clip_hash, "data": spec, "image_size": clip.cfg.image_size, "max_images": max_images}
-    if os.path.exists(path):
-        cache = torch.load(path, weights_only=True)
-        if cache["tag"] == tag:
-            print(f"embeddings: {len(cache['image_emb'])} {split} images from {path}")
-            return cache
-        print(f"embeddings: {path} was made with another CLIP or data set, embedding again")
-    dataset = data.make_dataset(spec, clip.cfg.image_size, split)
-    dataset.all_captions = True  # keep every caption line of an image, joined by newlines
-    if isinstance(dataset, torch.utils.data.IterableDataset):
-        dataset.loop, dataset.shuffle_buffer = False, 0  # one pass, in order
-    else:
-        n = len(dataset) if max_images is None else min(len(dataset), max_images)
-        dataset = torch.utils.data.Subset(dataset, range(n))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
-                                         collate_fn=data.collate)
     device = clip.logit_scale.device
-    out = {k: [] for k in ("image_emb", "text_emb", "token_feats", "lengths", "caption_image")}
-    captions = []  # per image, its caption lines
-    total = None if isinstance(dataset, torch.utils.data.IterableDataset) else len(dataset)
-    with tqdm(total=total, desc=f"embedding {split} images", leave=False) as bar:
-        for images, texts in loader:
-            lines = [t.split("\n") for t in texts]
-            flat = [line for ls in lines for line in ls]
-            tokens = clip.tokenize(flat)  # (M, L): every caption line of the batch
-            text_emb, feats = clip.encode_text_with_tokens(tokens)  # (M, D), (M, L, text_width)
-            out["image_emb"].append(clip.encode_image(images.to(device)).float().cpu())  # (b, D)
-            out["text_emb"].append(text_emb.float().cpu())
-            out["token_feats"].append(feats.to(torch.float16).cpu())  # half the disk; LayerNorm'd, O(1) values
-            out["lengths"].append((clip.tokenizer.lengths(tokens.cpu()) + 1).to(torch.int16))  # up to the eot
-            first = len(captions)
-            out["caption_image"].append(torch.tensor([first + i for i, ls in enumerate(lines) for _ in ls]))
-            captions += lines
-            bar.update(len(texts))
-            if max_images is not None and len(captions) >= max_images:
-                break
-    if not captions:
-        raise UserError(f"no {split} images in {spec}: add data")
-    cache = {"tag": tag, "captions": captions, **{k: torch.cat(v) for k, v in out.items()}}
-    if max_images is not None and len(captions) > max_images:  # the last batch went past: cut it
-        keep = cache["caption_image"] < max_images
-        cache = {**cache, "captions": captions[:max_images], "image_emb": cache["image_emb"][:max_images],
-                 **{k: cache[k][keep] for k in ("text_emb", "token_feats", "lengths", "caption_image")}}
-    train_utils.save_atomic(cache, path)
-    print(f"embeddings: embedded {len(cache['image_emb'])} {split} images ({len(cache['text_emb'])} captions) "
-          f"-> {path}")
-    return cache
+
+    def encode(images, lines, first):
+        tokens = clip.tokenize([line for ls in lines for line in ls])  # (M, L): every caption line of the batch
+        text_emb, feats = clip.encode_text_with_tokens(tokens)  # (M, D), (M, L, text_width)
+        return {"image_emb": clip.encode_image(images.to(device)).float(),  # (b, D)
+                "text_emb": text_emb.float(),
+                "token_feats": feats.to(torch.float16),  # half the disk; LayerNorm'd, O(1) values
+                "lengths": (clip.tokenizer.lengths(tokens.cpu()) + 1).to(torch.int16),  # up to the eot
+                "caption_image": torch.tensor([first + i for i, ls in enumerate(lines) for _ in ls])}
+    return data.cached_split(spec, clip.cfg.image_size, split, max_images, path, tag, encode, "embeddings",
+                             num_workers=num_workers)
 
 
 def get_batch(cache: dict, idx: torch.Tensor):

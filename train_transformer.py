@@ -6,9 +6,10 @@
     python train_transformer.py --size full --dry-run
 
 The dVAE is frozen (§2.2: the transformer is trained on its argmax codes), so every image is encoded once,
-before training, and cached next to the output: OUT/codes_train.pt and OUT/codes_val.pt hold the codes
-(n, h·w) and every caption line of each image, tagged with the dVAE's fingerprint, the data and the image
-size. A later run (or --resume) with the same dVAE and data reuses them; another dVAE re-encodes.
+before training, and cached next to the output (data.cached_split): OUT/codes_train.pt and OUT/codes_val.pt
+hold the codes (n, h·w) and every caption line of each image, tagged with the dVAE's fingerprint, the data
+and the image size. A later run (or --resume) with the same dVAE and data reuses them; another dVAE
+re-encodes.
 
 Writes OUT/ckpt.pt (with the tokenizer, and the dVAE's config and fingerprint under "upstream"),
 OUT/log.jsonl, OUT/samples.png and OUT/metrics.json:
@@ -27,12 +28,11 @@ from nanodalle.clip import load_clip
 from nanodalle.dalle import DALLE, DALLEConfig, PRESETS, drop_captions
 from nanodalle.pipeline import DALLE1, judge_dalle1, load_dvae
 from nanodalle.tokenizer import Tokenizer
-from tqdm import tqdm
 
 # Training settings per preset. Paper (§2.4, App. B.2): AdamW (0.9, 0.96, 1e-8), weight decay 4.5e-2,
 # gradient clipping at 4, lr warmed up to 4.5e-4 over 5000 steps and decayed, batch 1024, 430k updates.
 TRAIN = {
-    "toy": dict(steps=3000, batch_size=64, lr=1e-3, warmup=100, min_lr_frac=0.05, weight_decay=0.045,
+    "toy": dict(steps=2500, batch_size=32, lr=1e-3, warmup=100, min_lr_frac=0.05, weight_decay=0.045,
                 grad_clip=4.0),
     "small": dict(steps=200_000, batch_size=64, lr=4.5e-4, warmup=5000, min_lr_frac=0.1, weight_decay=0.045,
                 grad_clip=4.0),
@@ -46,41 +46,15 @@ VAL_IMAGES, JUDGE_CAPTIONS, JUDGE_SAMPLES = 2048, 200, 8
 # ----------------------------------------------------------------------------------------------------
 # the code cache
 
-def encode_split(dvae, spec: str, split: str, dvae_hash: str, path: str, max_images, batch_size: int = 256,
-                 num_workers: int = 0) -> dict:
-    """Encode a split of the data set with the frozen dVAE, or load the cache at `path` if it matches."""
+def encode_split(dvae, spec: str, split: str, dvae_hash: str, path: str, max_images, num_workers: int = 0) -> dict:
+    """The dVAE's argmax codes (n, h·w) of a split and each image's caption lines, cached at `path`."""
     tag = {"dvae_hash": dvae_hash, "data": spec, "image_size": dvae.cfg.image_size, "max_images": max_images}
-    if os.path.exists(path):
-        cache = torch.load(path, weights_only=True)
-        if cache["tag"] == tag:
-            print(f"codes: {len(cache['codes'])} {split} images from {path}")
-            return cache
-        print(f"codes: {path} was made with another dVAE or data set, encoding again")
-    dataset = data.make_dataset(spec, dvae.cfg.image_size, split)
-    dataset.all_captions = True  # keep every caption line of an image, joined by newlines
-    if isinstance(dataset, torch.utils.data.IterableDataset):
-        dataset.loop, dataset.shuffle_buffer = False, 0  # one pass, in order
-    else:
-        n = len(dataset) if max_images is None else min(len(dataset), max_images)
-        dataset = torch.utils.data.Subset(dataset, range(n))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
-                                         collate_fn=data.collate)
     device = next(dvae.parameters()).device
-    codes, captions = [], []
-    total = None if isinstance(dataset, torch.utils.data.IterableDataset) else len(dataset)
-    with tqdm(total=total, desc=f"encoding {split} images", leave=False) as bar:
-        for images, texts in loader:
-            codes.append(dvae.encode(images.to(device)).flatten(1).to(torch.int16).cpu())  # (b, h·w)
-            captions += [t.split("\n") for t in texts]
-            bar.update(len(texts))
-            if max_images is not None and len(captions) >= max_images:
-                break
-    if not captions:
-        raise UserError(f"no {split} images in {spec}: add data")
-    cache = {"tag": tag, "codes": torch.cat(codes)[:max_images], "captions": captions[:max_images]}
-    train_utils.save_atomic(cache, path)
-    print(f"codes: encoded {len(cache['codes'])} {split} images -> {path}")
-    return cache
+
+    def encode(images, lines, first):
+        return {"codes": dvae.encode(images.to(device)).flatten(1).to(torch.int16)}  # (b, h·w)
+    return data.cached_split(spec, dvae.cfg.image_size, split, max_images, path, tag, encode, "codes",
+                             num_workers=num_workers)
 
 
 def batches(cache: dict, tokenizer: Tokenizer, text_len: int, batch_size: int, seed: int):

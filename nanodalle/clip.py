@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanodalle import UserError, train_utils
-from nanodalle.tokenizer import Tokenizer
+from nanodalle.tokenizer import Tokenizer, eot_positions
 from nanodalle.transformer import Transformer
 
 MAX_LOGIT_SCALE = 100.0  # CLIP §2.5: the temperature is clipped so logits are scaled by at most 100
@@ -79,14 +79,6 @@ def contrastive_loss(image_features, text_features, logit_scale):
 def clipped_scale(logit_scale):
     """1/τ = exp(logit_scale), at most 100 (CLIP §2.5). Past the clip the gradient is 0: it cannot run away."""
     return logit_scale.clamp(max=math.log(MAX_LOGIT_SCALE)).exp()
-
-
-def eot_positions(tokens, eot_id: int):
-    """(B,) index of the first eot token in each (B, T) row (the last position if a row has none),
-    the same rule as Tokenizer.lengths: whatever padding follows, the features are read there."""
-    is_eot = tokens == eot_id  # (B, T)
-    first = is_eot.int().argmax(dim=1)  # argmax returns the first maximum
-    return torch.where(is_eot.any(dim=1), first, torch.full_like(first, tokens.size(1) - 1))
 
 
 class ImageEncoder(nn.Module):

@@ -41,6 +41,7 @@ import zlib
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+from tqdm import tqdm
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
 
 from . import UserError
@@ -447,6 +448,53 @@ def loader(dataset, batch_size, rank=0, world_size=1, seed=0, num_workers=0, dro
         if n == 0:  # otherwise an empty iterable set would make this loop spin forever
             raise UserError(f"the data set gave no batch of {batch_size} samples: add data or lower --batch-size")
         epoch += 1
+
+
+@torch.no_grad()
+def cached_split(spec, size, split, max_images, path, tag: dict, encode, what: str, batch_size=256, num_workers=0):
+    """Run a frozen model over a split of the data once and keep what it returns in a cache file.
+
+    The stages after the dVAE and CLIP train on their outputs (codes, embeddings), which never change while
+    the upstream model is frozen: computing them once, not every epoch, is most of the speed of those stages.
+    `encode(images (b, 3, H, W), lines (b lists of caption lines), first (index of the first image))` returns
+    a dict of tensors for the batch; they are concatenated. The cache at `path` is reused when its `tag`
+    (the model's fingerprint, the data...) equals this one, else made again. Returns
+    {"tag", "captions" (per image, its caption lines), and the encoded tensors}.
+    """
+    if os.path.exists(path):
+        cache = torch.load(path, weights_only=True)
+        if cache["tag"] == tag:
+            print(f"{what}: {len(cache['captions'])} {split} images from {path}")
+            return cache
+        print(f"{what}: {path} was made with another model or data set, encoding again")
+    dataset = make_dataset(spec, size, split)
+    dataset.all_captions = True  # keep every caption line of an image, joined by newlines
+    if isinstance(dataset, IterableDataset):
+        dataset.loop, dataset.shuffle_buffer = False, 0  # one pass, in order
+    else:
+        n = len(dataset) if max_images is None else min(len(dataset), max_images)
+        dataset = torch.utils.data.Subset(dataset, range(n))
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
+    parts, captions = collections.defaultdict(list), []
+    total = None if isinstance(dataset, IterableDataset) else len(dataset)
+    with tqdm(total=total, desc=f"{what}: encoding {split} images", leave=False) as bar:
+        for images, texts in loader:
+            room = len(texts) if max_images is None else max_images - len(captions)
+            lines = [t.split("\n") for t in texts[:room]]
+            for key, value in encode(images[:room], lines, len(captions)).items():
+                parts[key].append(value.cpu())
+            captions += lines
+            bar.update(len(lines))
+            if max_images is not None and len(captions) >= max_images:
+                break
+    if not captions:
+        raise UserError(f"no {split} images in {spec}: add data")
+    cache = {"tag": tag, "captions": captions, **{k: torch.cat(v) for k, v in parts.items()}}
+    tmp = f"{path}.tmp{os.getpid()}"  # written atomically, like the checkpoints
+    torch.save(cache, tmp)
+    os.replace(tmp, path)
+    print(f"{what}: encoded {len(captions)} {split} images -> {path}")
+    return cache
 
 
 def first_images(dataset, n: int) -> torch.Tensor:

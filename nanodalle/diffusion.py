@@ -60,6 +60,15 @@ def _extract(buf: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tenso
     return out.reshape(t.shape[0], *([1] * (x.dim() - 1)))
 
 
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """(B,) steps -> (B, dim): [cos(t·ω_i), sin(t·ω_i)] with ω_i = max_period^(−i/(dim/2)), i < dim/2,
+    the Transformer's position encoding (Vaswani et al. 2017 §3.5) used for t as in DDPM (Ho et al. 2020, App. B)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None, :]  # (B, 1) · (1, dim/2) -> (B, dim/2)
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=1)  # (B, dim)
+
+
 class GaussianDiffusion(nn.Module):
     """The schedule buffers and every formula that uses them. It has no parameters: the network is model_fn."""
 

@@ -38,7 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanodalle.diffusion import GaussianDiffusion, guided_batched
+from nanodalle.diffusion import GaussianDiffusion, guided_batched, timestep_embedding
 from nanodalle.transformer import Transformer, init_weights
 
 N_SPECIAL = 4  # z_t, timestep, noised z_i, query: the tokens after the caption
@@ -71,14 +71,6 @@ PRESETS = {
     # unCLIP App. C: width 2048 × 24 blocks ≈ 1B parameters, on ViT-H/16 (D 1024, text width 1024)
     "full": dict(embed_dim=1024, text_len=77, text_width=1024, n_layer=24, n_head=32, n_embd=2048),
 }
-
-
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """(B,) steps -> (B, dim) sinusoids [cos(t·ω_i), sin(t·ω_i)], ω_i = max_period^(−i/(dim/2)) (DDPM App. B)."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    args = t.float()[:, None] * freqs[None, :]  # (B, 1) · (1, dim/2) -> (B, dim/2)
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=1)  # (B, dim)
 
 
 def select_best(candidates: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:

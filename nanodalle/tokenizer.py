@@ -262,12 +262,18 @@ class Tokenizer:
 
     def lengths(self, ids: torch.Tensor) -> torch.Tensor:
         """(B,) position of the eot token in each (B, T) row; the last position if a row has none."""
-        is_eot = ids == self.eot_id  # (B, T)
-        first = is_eot.int().argmax(dim=1)  # argmax returns the first maximum
-        return torch.where(is_eot.any(dim=1), first, torch.full_like(first, ids.shape[1] - 1))
+        return eot_positions(ids, self.eot_id)
 
     def __repr__(self):
         return f"Tokenizer({self.name!r}, vocab_size={self.vocab_size}, eot_id={self.eot_id}, pad_id={self.pad_id})"
+
+
+def eot_positions(ids: torch.Tensor, eot_id: int) -> torch.Tensor:
+    """(B,) index of the first eot token in each (B, T) row of ids, the last position if a row has none
+    (a caption cut to fit): CLIP reads a caption's features there, whatever padding follows."""
+    is_eot = ids == eot_id  # (B, T)
+    first = is_eot.int().argmax(dim=1)  # argmax returns the first maximum
+    return torch.where(is_eot.any(dim=1), first, torch.full_like(first, ids.shape[1] - 1))
 
 
 # ----------------------------------------------------------------------------- command line

@@ -19,13 +19,13 @@ concatenated to x_t as extra input channels (the blur unCLIP §2.1 applies to it
 Classifier-free guidance (GLIDE §2.3): the caller drops conditioning with the masks forward() takes.
 Shapes: B batch, C channels, H W feature map, T caption tokens, S context tokens, D CLIP embedding.
 """
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nanodalle.diffusion import timestep_embedding
 from nanodalle.transformer import Attention, Transformer
 
 
@@ -97,15 +97,6 @@ def group_norm(channels: int) -> nn.GroupNorm:
     while groups > 1 and (channels % groups or channels // groups < 4):
         groups //= 2
     return nn.GroupNorm(groups, channels)
-
-
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """(B,) steps -> (B, dim): [cos(t·ω_i), sin(t·ω_i)] with ω_i = max_period^(−i/(dim/2)), i < dim/2,
-    the Transformer's position encoding (Vaswani et al. 2017 §3.5) used for t as in DDPM (Ho et al. 2020, App. B)."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    args = t.float()[:, None] * freqs[None, :]  # (B, 1) · (1, dim/2) -> (B, dim/2)
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=1)  # (B, dim)
 
 
 class ResBlock(nn.Module):

@@ -254,20 +254,20 @@ def test_train_prior_end_to_end(trained):
 def test_embedding_cache_is_reused(trained, tmp_path):
     tmp, r = trained
     assert r.returncode == 0, r.stderr
-    assert "embedded 64 train images" in r.stdout
+    assert "encoded 64 train images" in r.stdout
     for name in ("embeddings_train.pt", "embeddings_val.pt"):
         (tmp_path / name).write_bytes((tmp / "prior" / name).read_bytes())
     r2 = run("train_prior.py", *PRIOR_FLAGS, "--steps", "1", "--clip", str(tmp / "clip/ckpt.pt"),
              "--out", str(tmp_path))
     assert r2.returncode == 0, r2.stderr
-    assert "embeddings: 64 train images from" in r2.stdout and "embedded" not in r2.stdout
+    assert "embeddings: 64 train images from" in r2.stdout and "encoded" not in r2.stdout
     # another data spec (fewer images) makes the cache stale
     (tmp_path / "x").mkdir()
     (tmp_path / "x/embeddings_train.pt").write_bytes((tmp_path / "embeddings_train.pt").read_bytes())
     r3 = run("train_prior.py", *PRIOR_FLAGS, "--max-images", "32", "--steps", "1", "--clip",
              str(tmp / "clip/ckpt.pt"), "--out", str(tmp_path / "x"))
     assert r3.returncode == 0, r3.stderr
-    assert "another CLIP or data set, embedding again" in r3.stdout and "embedded 32 train images" in r3.stdout
+    assert "another model or data set, encoding again" in r3.stdout and "encoded 32 train images" in r3.stdout
 
 
 def test_train_prior_user_errors(trained, tmp_path):

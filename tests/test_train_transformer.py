@@ -1,17 +1,15 @@
 """train_transformer.py and sample.py --pipeline dalle1 end to end, on tiny models (CPU, seconds)."""
 import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import ENV, ROOT
-from nanodalle import train_utils
+import train_transformer
+from conftest import run_script
+from nanodalle import shapes, train_utils
 from nanodalle.dalle import DALLEConfig
-from nanodalle.pipeline import DALLE1
+from nanodalle.pipeline import DALLE1, load_dvae
 
 DVAE_FLAGS = ["--image-size", "16", "--group-count", "2", "--n-hid", "8", "--vocab-size", "32", "--n-init", "8",
               "--batch-size", "4"]
@@ -21,18 +19,13 @@ DALLE_FLAGS = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--batch-siz
                "--judge-captions", "4"]
 
 
-def run(script, *flags, timeout=300):
-    return subprocess.run([sys.executable, script, *flags], cwd=ROOT, env=ENV, capture_output=True, text=True,
-                          timeout=timeout)
-
-
 @pytest.fixture(scope="module")
 def upstream(tmp_path_factory):
     """A 2-step dVAE (16 px -> 8×8 codes, K = 32) and a 2-step CLIP."""
     tmp = tmp_path_factory.mktemp("upstream")
-    r = run("train_dvae.py", *DVAE_FLAGS, "--steps", "2", "--out", str(tmp / "dvae"))
+    r = run_script("train_dvae.py", *DVAE_FLAGS, "--steps", "2", "--out", str(tmp / "dvae"))
     assert r.returncode == 0, r.stderr
-    r = run("train_clip.py", *CLIP_FLAGS, "--steps", "2", "--out", str(tmp / "clip"))
+    r = run_script("train_clip.py", *CLIP_FLAGS, "--steps", "2", "--out", str(tmp / "clip"))
     assert r.returncode == 0, r.stderr
     return tmp
 
@@ -40,7 +33,7 @@ def upstream(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(upstream):
     out = upstream / "dalle"
-    r = run("train_transformer.py", *DALLE_FLAGS, "--attention", "sparse", "--conv-kernel", "3", "--steps", "3",
+    r = run_script("train_transformer.py", *DALLE_FLAGS, "--attention", "sparse", "--conv-kernel", "3", "--steps", "3",
             "--log-every", "1", "--dvae", str(upstream / "dvae/ckpt.pt"), "--clip", str(upstream / "clip/ckpt.pt"),
             "--out", str(out))
     return out, r
@@ -65,35 +58,25 @@ def test_train_transformer_end_to_end(trained, upstream):
     assert int(cache["codes"].max()) < 32
 
 
-def test_code_cache_is_reused_and_invalidated(trained, upstream, tmp_path):
+def test_code_cache_is_reused_and_invalidated(trained, upstream, tmp_path, capsys):
     out, r = trained
     assert r.returncode == 0, r.stderr
     assert "encoded 64 train images" in r.stdout
-    # a new run reading the same cache (copied) with the same dVAE does not encode again
-    new = tmp_path / "again"
-    new.mkdir()
-    for name in ("codes_train.pt", "codes_val.pt"):
-        (new / name).write_bytes((out / name).read_bytes())
-    r2 = run("train_transformer.py", *DALLE_FLAGS, "--steps", "1", "--dvae", str(upstream / "dvae/ckpt.pt"),
-             "--clip", "none", "--out", str(new))
-    assert r2.returncode == 0, r2.stderr
-    assert "codes: 64 train images from" in r2.stdout and "encoded" not in r2.stdout
-    # another dVAE (one more step of training) makes the cache stale: it is encoded again
-    other = tmp_path / "dvae2"
-    (other).mkdir()
-    (other / "ckpt.pt").write_bytes((upstream / "dvae/ckpt.pt").read_bytes())
-    r3 = run("train_dvae.py", *DVAE_FLAGS, "--steps", "3", "--resume", "--out", str(other))
-    assert r3.returncode == 0, r3.stderr
-    r4 = run("train_transformer.py", *DALLE_FLAGS, "--steps", "1", "--dvae", str(other / "ckpt.pt"),
-             "--clip", "none", "--out", str(tmp_path / "third"))
-    assert r4.returncode == 0
-    (tmp_path / "fourth").mkdir()
-    for name in ("codes_train.pt", "codes_val.pt"):
-        (tmp_path / "fourth" / name).write_bytes((out / name).read_bytes())
-    r5 = run("train_transformer.py", *DALLE_FLAGS, "--steps", "1", "--dvae", str(other / "ckpt.pt"),
-             "--clip", "none", "--out", str(tmp_path / "fourth"))
-    assert r5.returncode == 0, r5.stderr
-    assert "another dVAE or data set, encoding again" in r5.stdout
+    dvae, dvae_hash = load_dvae(str(upstream / "dvae/ckpt.pt"))
+    path = tmp_path / "codes.pt"
+    first = train_transformer.encode_split(dvae, "shapes", "train", dvae_hash, str(path), 16)
+    assert first["codes"].shape == (16, 64) and len(first["captions"]) == 16
+    # the codes are the dVAE's argmax codes of the first 16 images, and the captions theirs
+    images = torch.stack([shapes.ShapesDataset("train", 16)[i][0] for i in range(16)])
+    assert torch.equal(first["codes"].long(), dvae.encode(images).flatten(1))
+    assert [c[0] for c in first["captions"]] == [shapes.ShapesDataset("train", 16)[i][1] for i in range(16)]
+    stamp = path.stat().st_mtime_ns
+    capsys.readouterr()
+    again = train_transformer.encode_split(dvae, "shapes", "train", dvae_hash, str(path), 16)  # same tag: loaded
+    assert "codes: 16 train images from" in capsys.readouterr().out and path.stat().st_mtime_ns == stamp
+    assert torch.equal(again["codes"], first["codes"])
+    other = train_transformer.encode_split(dvae, "shapes", "train", "another dvae", str(path), 16)
+    assert "another model or data set, encoding again" in capsys.readouterr().out and other["tag"]["dvae_hash"] == "another dvae"
 
 
 def test_sample_dalle1_writes_a_ranked_grid(trained, upstream, tmp_path):
@@ -101,7 +84,7 @@ def test_sample_dalle1_writes_a_ranked_grid(trained, upstream, tmp_path):
     assert r.returncode == 0, r.stderr
     flags = ["--dalle", str(out / "ckpt.pt"), "--dvae", str(upstream / "dvae/ckpt.pt"), "--clip",
              str(upstream / "clip/ckpt.pt"), "--num", "4", "--keep", "2", "--out", str(tmp_path / "s")]
-    r = run("sample.py", "--prompt", "a small red circle at the top", "--prompt", "a large blue star", *flags)
+    r = run_script("sample.py", "--prompt", "a small red circle at the top", "--prompt", "a large blue star", *flags)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "s/grid.png").is_file()
     assert sorted(os.listdir(tmp_path / "s")) == ["000_0.png", "000_1.png", "001_0.png", "001_1.png", "grid.png"]
@@ -137,7 +120,7 @@ def test_sample_user_errors_are_one_line(trained, upstream, case, flags, needle)
     assert r.returncode == 0, r.stderr
     flags = [f.replace("DVAE", str(upstream / "dvae/ckpt.pt")) for f in flags]
     base = ["--dalle", str(out / "ckpt.pt"), "--dvae", str(upstream / "dvae/ckpt.pt"), "--clip", "none"]
-    r = run("sample.py", *base, *flags)
+    r = run_script("sample.py", *base, *flags)
     assert r.returncode == 2, (case, r.stdout, r.stderr)
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], (case, r.stderr)
@@ -146,9 +129,9 @@ def test_sample_user_errors_are_one_line(trained, upstream, case, flags, needle)
 def test_mismatched_dvae_is_one_line_naming_both_codebooks(trained, upstream, tmp_path):
     out, r = trained
     assert r.returncode == 0, r.stderr
-    r = run("train_dvae.py", *DVAE_FLAGS, "--vocab-size", "64", "--steps", "1", "--out", str(tmp_path / "d64"))
+    r = run_script("train_dvae.py", *DVAE_FLAGS, "--vocab-size", "64", "--steps", "1", "--out", str(tmp_path / "d64"))
     assert r.returncode == 0, r.stderr
-    r = run("sample.py", "--prompt", "a red circle", "--dalle", str(out / "ckpt.pt"), "--dvae",
+    r = run_script("sample.py", "--prompt", "a red circle", "--dalle", str(out / "ckpt.pt"), "--dvae",
             str(tmp_path / "d64/ckpt.pt"), "--clip", "none", "--out", str(tmp_path / "s"))
     assert r.returncode == 2
     line = r.stderr.strip()
@@ -156,10 +139,10 @@ def test_mismatched_dvae_is_one_line_naming_both_codebooks(trained, upstream, tm
 
 
 def test_train_transformer_user_errors(upstream, tmp_path):
-    r = run("train_transformer.py", *DALLE_FLAGS, "--dvae", "/nonexistent/dvae.pt", "--out", str(tmp_path / "x"))
+    r = run_script("train_transformer.py", *DALLE_FLAGS, "--dvae", "/nonexistent/dvae.pt", "--out", str(tmp_path / "x"))
     assert r.returncode == 2 and "/nonexistent/dvae.pt" in r.stderr and "Traceback" not in r.stderr
-    r = run("train_transformer.py", *DALLE_FLAGS, "--dvae", str(upstream / "clip/ckpt.pt"), "--out",
+    r = run_script("train_transformer.py", *DALLE_FLAGS, "--dvae", str(upstream / "clip/ckpt.pt"), "--out",
             str(tmp_path / "y"))
     assert r.returncode == 2 and "'clip' checkpoint" in r.stderr and "Traceback" not in r.stderr
-    r = run("train_transformer.py", "--size", "full", "--dry-run")
+    r = run_script("train_transformer.py", "--size", "full", "--dry-run")
     assert r.returncode == 0 and "total:" in r.stdout

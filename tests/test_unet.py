@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from nanodalle.unet import PRESETS, UNet, UNetConfig, timestep_embedding
+from nanodalle.diffusion import timestep_embedding
+from nanodalle.unet import PRESETS, UNet, UNetConfig
 
 B = 2
 
