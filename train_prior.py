@@ -118,17 +118,11 @@ def main():
                         f"{theirs['text_len']}, {theirs['text_width']}: pass the CLIP it was trained with")
 
     # --- embed the data once (the master), then every rank reads the cache
-    paths = {s: os.path.join(trainer.out, f"embeddings_{s}.pt") for s in ("train", "val")}
-    if trainer.master:
-        os.makedirs(trainer.out, exist_ok=True)
-        train_cache = encode_split(clip, args.data, "train", clip_hash, paths["train"], args.max_images,
-                                   num_workers=args.num_workers)
-        val_cache = encode_split(clip, args.data, "val", clip_hash, paths["val"], VAL_CAPTIONS)
-    if trainer.ddp:
-        torch.distributed.barrier()
-        if not trainer.master:
-            train_cache = torch.load(paths["train"], weights_only=True)
-            val_cache = torch.load(paths["val"], weights_only=True)
+    caches = trainer.master_builds(
+        {s: os.path.join(trainer.out, f"embeddings_{s}.pt") for s in ("train", "val")},
+        lambda split, path: encode_split(clip, args.data, split, clip_hash, path,
+                                         args.max_images if split == "train" else VAL_CAPTIONS, args.num_workers))
+    train_cache, val_cache = caches["train"], caches["val"]
     del clip  # everything CLIP has to say is in the caches now
     mean_image = train_cache["image_emb"].mean(dim=0).to(trainer.device)  # (D,): the caption-blind guess
     train_batches = batches(train_cache, args.batch_size, args.seed + 1000 * trainer.rank + trainer.step)

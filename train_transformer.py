@@ -115,17 +115,11 @@ def main():
                         f"{cfg.grid_size} of {cfg.image_vocab}: pass the dVAE it was trained with")
 
     # --- encode the data once (the master), then every rank reads the cache
-    paths = {s: os.path.join(trainer.out, f"codes_{s}.pt") for s in ("train", "val")}
-    if trainer.master:
-        os.makedirs(trainer.out, exist_ok=True)
-        train_cache = encode_split(dvae, args.data, "train", dvae_hash, paths["train"], args.max_images,
-                                   num_workers=args.num_workers)
-        val_cache = encode_split(dvae, args.data, "val", dvae_hash, paths["val"], VAL_IMAGES)
-    if trainer.ddp:
-        torch.distributed.barrier()
-        if not trainer.master:
-            train_cache = torch.load(paths["train"], weights_only=True)
-            val_cache = torch.load(paths["val"], weights_only=True)
+    caches = trainer.master_builds(
+        {s: os.path.join(trainer.out, f"codes_{s}.pt") for s in ("train", "val")},
+        lambda split, path: encode_split(dvae, args.data, split, dvae_hash, path,
+                                         args.max_images if split == "train" else VAL_IMAGES, args.num_workers))
+    train_cache, val_cache = caches["train"], caches["val"]
     train_batches = batches(train_cache, tokenizer, cfg.text_len, args.batch_size, args.seed + 1000 * trainer.rank
                             + trainer.step)
     clip = None

@@ -383,6 +383,19 @@ class Trainer:
                   f"{str(self.dtype).replace('torch.', '')} | world size {self.world_size} | "
                   f"{'resuming at step ' + str(self.step) if resume_ckpt else 'new run'} -> {self.out}")
 
+    def master_builds(self, paths: dict, build: Callable[[str, str], dict]) -> dict:
+        """{split: build(split, path)} computed by the master process alone (encode a data set once, not once
+        per GPU), saved at paths[split] by `build`; the other ranks wait for it, then read the files."""
+        caches = {}
+        if self.master:
+            os.makedirs(self.out, exist_ok=True)
+            caches = {split: build(split, path) for split, path in paths.items()}
+        if self.ddp:
+            dist.barrier()
+            if not self.master:
+                caches = {split: torch.load(path, weights_only=True) for split, path in paths.items()}
+        return caches
+
     # --- the loop --------------------------------------------------------------------------------
 
     def fit(self, batches: Iterator, loss_fn: Callable, evaluate: Callable[[int], dict] | None = None):
