@@ -44,7 +44,8 @@ class DVAEConfig:
     temp_steps: int = 150_000
     hard: bool = False          # straight-through hard one-hot samples instead of soft relaxed ones
     # Not in DALL-E: weight of a codebook diversity term, KL(mean_{batch, positions} q || uniform), as in
-    # wav2vec 2.0 (§3.2, Baevski et al. 2020). It keeps small runs from collapsing onto a few codes.
+    # wav2vec 2.0 (§3.2, Baevski et al. 2020). It keeps small runs from collapsing onto a few codes. Under DDP
+    # each process averages over its own batch, so it is not the term of one process on the global batch.
     diversity_weight: float = 0.0
 
     @property

@@ -491,6 +491,7 @@ def fixed_batch(seed, n=4):
 def make_trainer(out, steps, extra=()):
     args = train_utils.make_parser("dvae", "test", DVAEConfig, PRESETS, {}).parse_args(
         [*TINY, "--steps", str(steps), "--log-every", "1", "--eval-every", "1000", "--device", "cpu",
+         "--diversity-weight", "0",  # a statistic of each rank's own batch: DDP != one big batch there
          "--out", str(out), *extra])
     cfg = train_utils.config_from_args(DVAEConfig, PRESETS, args)
     return train_utils.Trainer(args, "dvae", cfg, DVAE), cfg
