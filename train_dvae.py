@@ -5,14 +5,15 @@
     torchrun --nproc_per_node 8 train_dvae.py --size full --data shards/
     python train_dvae.py --size full --dry-run
 
-Writes OUT/ckpt.pt, OUT/log.jsonl, OUT/metrics.json (held-out psnr, mse, perplexity, codes_used_frac)
+Writes OUT/ckpt.pt, OUT/log.jsonl, OUT/metrics.json (held-out psnr, mse, perplexity, codes_used_frac, and with
+--data shapes judge_recon: the fraction of reconstructions the shapes judge passes, DALL-E 1's ceiling)
 and OUT/recon.png (pairs of rows: held-out images above, their reconstructions from argmax codes below).
 """
 import math
 
 import torch
 
-from nanodalle import data, train_utils
+from nanodalle import data, shapes, train_utils
 from nanodalle.dvae import DVAE, DVAEConfig, PRESETS, cosine
 
 # Training settings per preset. Paper (App. A.2): AdamW (0.9, 0.999, 1e-8), wd 1e-4, lr 1e-4 cosine to
@@ -88,6 +89,9 @@ def main():
         for i in range(0, n, 8):
             rows += [val_images[i:i + 8], recons[i:i + 8]]
         train_utils.save_grid(torch.cat(rows), f"{trainer.out}/recon.png", nrow=8)
+        if args.data == "shapes":  # the ceiling of DALL-E 1 on this dVAE: can the judge read its reconstructions?
+            scenes = [val_set.scene(i) for i in range(len(recons))]
+            metrics["judge_recon"] = shapes.judge_batch(recons, scenes)["full"]
         skipped = data.skipped_summary(train_set)
         return {**metrics, **({"skipped": skipped} if skipped else {})}
 

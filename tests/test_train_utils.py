@@ -345,6 +345,11 @@ def test_train_dvae_end_to_end(trained):
     p = counts[counts > 0] / counts.sum()
     assert math.isclose(metrics["perplexity"], math.exp(-(p * p.log()).sum().item()), rel_tol=1e-6)
     assert math.isclose(metrics["codes_used_frac"], (counts > 0).double().mean().item(), rel_tol=1e-6)
+    # judge_recon: the judge, one reconstruction at a time, against the scene each val image shows
+    with torch.no_grad():  # in batches of 128, as the script does, so the pixels agree to the bit
+        recons = torch.cat([model.decode(codes[i:i + 128]) for i in range(0, 512, 128)])
+    passed = [shapes.judge(recons[i], shapes.example(i, "val", 16)[2])["full"] for i in range(512)]
+    assert math.isclose(metrics["judge_recon"], sum(passed) / 512, abs_tol=1e-9)
 
     # recon.png: 32 held-out images and their reconstructions, as 8 rows of 8 at 16 px with 2 px padding
     assert Image.open(out / "recon.png").size == (8 * 18 + 2, 8 * 18 + 2)
