@@ -97,25 +97,16 @@ def main():
     device = train_utils.pick_device(args.device)
     clip = load_clip(args.clip, device).requires_grad_(False)
     clip_hash = state_hash(clip.state_dict())
-    resumed = args.resume and os.path.exists(os.path.join(args.out, "ckpt.pt"))
     # the embedding size and the text features' shape are facts of CLIP, not choices
     facts = {"embed_dim": clip.cfg.embed_dim, "text_len": clip.cfg.context_length,
              "text_width": clip.cfg.text_width}
-    changed = {k: (getattr(cfg, k), v) for k, v in facts.items() if getattr(cfg, k) != v}
-    if changed and not resumed:
-        print("set from CLIP: " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()))
-        for k, (_, v) in changed.items():
-            setattr(cfg, k, v)
+    train_utils.take_facts(cfg, facts, "CLIP", args)
 
     trainer = train_utils.Trainer(args, "prior", cfg, DiffusionPrior, betas=BETAS, eps=EPS, extra_state={
         "tokenizer": clip.tokenizer.state(),
         "upstream": {"clip": os.path.abspath(args.clip), "clip_hash": clip_hash, "clip_config": vars(clip.cfg)}})
     cfg = trainer.cfg
-    theirs = {k: getattr(cfg, k) for k in facts}
-    if theirs != facts:
-        raise UserError(f"--clip {args.clip} gives embed_dim {facts['embed_dim']}, text_len {facts['text_len']}, "
-                        f"text_width {facts['text_width']}, but the run being resumed uses {theirs['embed_dim']}, "
-                        f"{theirs['text_len']}, {theirs['text_width']}: pass the CLIP it was trained with")
+    train_utils.check_facts(cfg, facts, f"--clip {args.clip}")
 
     # --- embed the data once (the master), then every rank reads the cache
     caches = trainer.master_builds(

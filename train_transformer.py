@@ -94,25 +94,17 @@ def main():
     device = train_utils.pick_device(args.device)
     dvae, dvae_hash = load_dvae(args.dvae, device)
     dvae.requires_grad_(False)
-    resumed = args.resume and os.path.exists(os.path.join(args.out, "ckpt.pt"))
     tokenizer = train_utils.run_tokenizer(args, "dalle")
     # the code grid, codebook and text vocabulary are facts of the dVAE and tokenizer, not choices
     facts = {"grid_size": dvae.cfg.grid_size, "image_vocab": dvae.cfg.vocab_size,
              "text_vocab": tokenizer.vocab_size, "pad_id": tokenizer.pad_id}
-    changed = {k: (getattr(cfg, k), v) for k, v in facts.items() if getattr(cfg, k) != v}
-    if changed and not resumed:
-        print("set from the dVAE and tokenizer: " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()))
-        for k, (_, v) in changed.items():
-            setattr(cfg, k, v)
+    train_utils.take_facts(cfg, facts, "the dVAE and tokenizer", args)
 
     trainer = train_utils.Trainer(args, "dalle", cfg, DALLE, betas=BETAS, eps=EPS, extra_state={
         "tokenizer": tokenizer.state(),
         "upstream": {"dvae": os.path.abspath(args.dvae), "dvae_hash": dvae_hash, "dvae_config": vars(dvae.cfg)}})
     cfg = trainer.cfg
-    if (cfg.grid_size, cfg.image_vocab) != (dvae.cfg.grid_size, dvae.cfg.vocab_size):
-        raise UserError(f"--dvae {args.dvae} has a {dvae.cfg.grid_size}×{dvae.cfg.grid_size} grid of "
-                        f"{dvae.cfg.vocab_size} codes, but the run being resumed uses {cfg.grid_size}×"
-                        f"{cfg.grid_size} of {cfg.image_vocab}: pass the dVAE it was trained with")
+    train_utils.check_facts(cfg, facts, f"--dvae {args.dvae} with its tokenizer")
 
     # --- encode the data once (the master), then every rank reads the cache
     caches = trainer.master_builds(

@@ -280,6 +280,29 @@ def run_tokenizer(args, stage: str):
     return Tokenizer.from_state(ckpt["tokenizer"])
 
 
+def take_facts(cfg, facts: dict, source: str, args) -> None:
+    """Config fields that are facts of an upstream model or the tokenizer (codebook size, embedding width...),
+    not choices. A new run takes them, and says which preset values they replace. On --resume the config is
+    the checkpoint's (the Trainer rebuilds it): call check_facts on it once the Trainer exists."""
+    if args.resume and os.path.exists(os.path.join(args.out, "ckpt.pt")):
+        return
+    changed = {k: (getattr(cfg, k), v) for k, v in facts.items() if getattr(cfg, k) != v}
+    if changed:
+        print(f"set from {source}: " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()))
+    for k, v in facts.items():
+        setattr(cfg, k, v)
+
+
+def check_facts(cfg, facts: dict, source: str) -> None:
+    """A resumed run must be given the upstream models it was trained with: a one-line error naming both."""
+    theirs = {k: getattr(cfg, k) for k in facts}
+    if theirs != facts:
+        given = ", ".join(f"{k} {v}" for k, v in facts.items())
+        used = ", ".join(f"{k} {v}" for k, v in theirs.items())
+        raise UserError(f"{source} gives {given}, but the run being resumed uses {used}: "
+                        f"pass the one it was trained with")
+
+
 def stage_script(stage: str) -> str:
     return {"dalle": "transformer", "upsampler": "decoder"}.get(stage, stage)
 
