@@ -72,19 +72,6 @@ def gather_features(image_features, text_features):
     return gathered
 
 
-def first_pairs(dataset, n: int):
-    """The first n (image, caption) pairs of a data set: (n, 3, H, W) images and n captions, fixed."""
-    if isinstance(dataset, torch.utils.data.IterableDataset):
-        dataset.loop = False  # tar shards: one pass, so a small validation split is not repeated
-        samples = iter(dataset)
-    else:
-        samples = (dataset[i] for i in range(min(n, len(dataset))))
-    pairs = [s for _, s in zip(range(n), samples)]
-    if not pairs:
-        raise train_utils.UserError("the validation split is empty: add data (about 1% of samples go to validation)")
-    return torch.stack([image for image, _ in pairs]), [caption for _, caption in pairs]
-
-
 @torch.no_grad()
 def embed_pairs(model: CLIP, images, tokens, batch_size: int = 250):
     """(N, D) image and text embeddings, computed batch_size at a time."""
@@ -153,7 +140,7 @@ def main():
     train_set = data.make_dataset(args.data, cfg.image_size, "train", rank=trainer.rank,
                                   world_size=trainer.world_size, seed=args.seed)
     val_set = data.make_dataset(args.data, cfg.image_size, "val")
-    val_images, val_captions = first_pairs(val_set, EVAL_PAIRS)
+    val_images, val_captions = data.first_pairs(val_set, EVAL_PAIRS)
     val_tokens = tokenizer.encode_batch(val_captions, text_len)
     single = []  # (--data shapes) the single-object val scenes: zero-shot colour, shape and position
     if args.data == "shapes":

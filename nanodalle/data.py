@@ -497,20 +497,23 @@ def cached_split(spec, size, split, max_images, path, tag: dict, encode, what: s
     return cache
 
 
-def first_images(dataset, n: int) -> torch.Tensor:
-    """The first n images of a data set, stacked (n, 3, H, W): a fixed evaluation batch."""
+def first_pairs(dataset, n: int) -> tuple[torch.Tensor, list[str]]:
+    """The first n (image, caption) pairs of a data set: (n, 3, H, W) images and n captions, a fixed
+    evaluation batch. Tar shards are read in one pass, so a small validation split is not repeated."""
     if isinstance(dataset, IterableDataset):
+        dataset.loop = False
         samples = iter(dataset)
     else:
         samples = (dataset[i] for i in range(min(n, len(dataset))))
-    images = []
-    for image, _ in samples:
-        images.append(image)
-        if len(images) == n:
-            break
-    if not images:
+    pairs = [s for _, s in zip(range(n), samples)]
+    if not pairs:
         raise UserError("the validation split is empty: add data (about 1% of samples go to validation)")
-    return torch.stack(images)
+    return torch.stack([image for image, _ in pairs]), [caption for _, caption in pairs]
+
+
+def first_images(dataset, n: int) -> torch.Tensor:
+    """The first n images of a data set (first_pairs without the captions)."""
+    return first_pairs(dataset, n)[0]
 
 
 def skipped_summary(dataset) -> str:

@@ -16,8 +16,10 @@ import torch.nn.functional as F
 from nanodalle import UserError, shapes, train_utils
 from nanodalle.clip import load_clip
 from nanodalle.dalle import DALLE, DALLEConfig
+from nanodalle.diffusion import GaussianDiffusion, guided_batched
 from nanodalle.dvae import DVAE, DVAEConfig
 from nanodalle.tokenizer import Tokenizer
+from nanodalle.unet import UNet, UNetConfig
 
 
 def state_hash(state: dict) -> str:
@@ -130,3 +132,197 @@ def judge_dalle1(pipe: DALLE1, split: str, n_captions: int = 200, num: int = 8, 
     if pipe.clip is not None:
         out["rerank"] = full[:, 0].mean().item()
     return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# DALL-E 2 / unCLIP (Ramesh et al. 2022, §2 and §3):
+#
+#     caption --CLIP text encoder--> z_t, token features --prior--> z_i (a CLIP image embedding)
+#             --decoder UNet, DDIM or DDPM, guided by z_i and the caption--> 32 px (paper: 64)
+#             --upsampler UNet, conditioned on that image--> 64 px (paper: 256, then 1024)
+#
+# Because the decoder reads a CLIP image embedding, any image can be turned into one (CLIP's image encoder)
+# and decoded again: variations, interpolations and text diffs (§3) are all walks in that space.
+
+def clip_image_embedding(clip, images: torch.Tensor) -> torch.Tensor:
+    """(B, D) unit CLIP image embeddings of (B, 3, H, W) images in [-1, 1], resized to CLIP's input size."""
+    size = clip.cfg.image_size
+    if images.shape[-1] != size:
+        images = F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return clip.encode_image(images.to(clip.logit_scale.device)).float()
+
+
+def clip_text_inputs(clip, captions: list[str]):
+    """What the prior reads of each caption: z_t (B, D), token features (B, L, W) and the mask of real tokens
+    (B, L), True up to and including the eot (train_prior.py caches the same three)."""
+    tokens = clip.tokenize(captions)  # (B, L)
+    text_emb, feats = clip.encode_text_with_tokens(tokens)
+    lengths = clip.tokenizer.lengths(tokens.cpu()).to(tokens.device) + 1  # (B,) real tokens incl. the eot
+    pad_mask = torch.arange(tokens.size(1), device=tokens.device)[None, :] < lengths[:, None]
+    return text_emb.float(), feats.float(), pad_mask
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, frac: float) -> torch.Tensor:
+    """Spherical interpolation between unit vectors (B, D): the path unCLIP §3.2 walks between two images'
+    embeddings, which stays on the sphere where CLIP embeddings live (a straight line would cut inside)."""
+    omega = torch.arccos((a * b).sum(-1, keepdim=True).clamp(-1 + 1e-7, 1 - 1e-7))  # (B, 1) the angle
+    return (torch.sin((1 - frac) * omega) * a + torch.sin(frac * omega) * b) / torch.sin(omega)
+
+
+def make_diffusion(cfg) -> GaussianDiffusion:
+    """The decoder's / upsampler's Gaussian diffusion (ε-prediction), from the settings saved with the UNet."""
+    return GaussianDiffusion(cfg.timesteps, cfg.schedule, predict="eps")
+
+
+def decoder_model_fn(unet: UNet, clip_emb, tokens, guidance_scale: float):
+    """model_fn(x_t, t) -> ε̂ for the decoder, guided (GLIDE §2.4, unCLIP §2.1) by dropping z_i and the caption
+    together for the unconditional half. clip_emb None: z_i is dropped everywhere (GLIDE-style, caption only);
+    tokens None: the caption is (variations and interpolations of images have none)."""
+    cfg, B = unet.cfg, (clip_emb if clip_emb is not None else tokens).size(0)
+    device = next(unet.parameters()).device
+    drop_clip = torch.full((B,), clip_emb is None, device=device)  # True: null_clip stands in for z_i
+    drop_text = torch.full((B,), tokens is None, device=device)    # True: an all-pad caption
+    if clip_emb is None:
+        clip_emb = torch.zeros(B, cfg.clip_dim, device=device)
+    if tokens is None:
+        tokens = torch.full((B, 1), cfg.pad_id, dtype=torch.long, device=device)
+    if guidance_scale == 1:
+        return lambda x_t, t: unet(x_t, t, clip_emb, tokens, drop_clip=drop_clip, drop_text=drop_text).float()
+    drop_all = torch.ones(B, dtype=torch.bool, device=device)
+    clip2, tokens2 = torch.cat([clip_emb, clip_emb]), torch.cat([tokens, tokens])  # [cond; uncond]
+    drop_clip2, drop_text2 = torch.cat([drop_clip, drop_all]), torch.cat([drop_text, drop_all])
+    return guided_batched(lambda x_t, t: unet(x_t, t, clip2, tokens2, drop_clip=drop_clip2,
+                                              drop_text=drop_text2).float(), guidance_scale)
+
+
+class DALLE2:
+    """The unCLIP pipeline: CLIP, the prior (optional: --no-prior), the decoder, and the upsampler (optional)."""
+
+    def __init__(self, clip, decoder: UNet, tokenizer: Tokenizer, prior=None, upsampler: UNet | None = None):
+        self.clip, self.decoder, self.tokenizer = clip.eval(), decoder.eval(), tokenizer
+        self.prior = prior.eval() if prior is not None else None
+        self.upsampler = upsampler.eval() if upsampler is not None else None
+        device = next(decoder.parameters()).device
+        self.decoder_diffusion = make_diffusion(decoder.cfg).to(device)
+        self.upsampler_diffusion = make_diffusion(upsampler.cfg).to(device) if upsampler is not None else None
+
+    @classmethod
+    def from_checkpoints(cls, clip_path: str, decoder_path: str, prior_path: str | None = None,
+                         upsampler_path: str | None = None, device="cpu"):
+        from nanodalle.prior import DiffusionPrior, PriorConfig
+        clip = load_clip(clip_path, device)
+        ckpt = train_utils.load_checkpoint(decoder_path, "decoder")
+        decoder = train_utils.model_from_checkpoint(ckpt, UNetConfig, UNet).to(device)
+        if decoder.cfg.clip_dim != clip.cfg.embed_dim:
+            raise UserError(f"{decoder_path} reads {decoder.cfg.clip_dim}-d CLIP embeddings but {clip_path} makes "
+                            f"{clip.cfg.embed_dim}-d ones: pass the CLIP the decoder was trained with (--clip)")
+        prior = None
+        if prior_path is not None:
+            prior_ckpt = train_utils.load_checkpoint(prior_path, "prior")
+            prior = train_utils.model_from_checkpoint(prior_ckpt, PriorConfig, DiffusionPrior).to(device)
+            if prior.cfg.embed_dim != clip.cfg.embed_dim:
+                raise UserError(f"{prior_path} makes {prior.cfg.embed_dim}-d embeddings but {clip_path} has "
+                                f"{clip.cfg.embed_dim}-d ones: pass the CLIP the prior was trained with (--clip)")
+        upsampler = None
+        if upsampler_path is not None:
+            up_ckpt = train_utils.load_checkpoint(upsampler_path, "upsampler")
+            upsampler = train_utils.model_from_checkpoint(up_ckpt, UNetConfig, UNet).to(device)
+            if upsampler.cfg.low_res_size != decoder.cfg.image_size:
+                raise UserError(f"{upsampler_path} upsamples {upsampler.cfg.low_res_size} px images but the decoder "
+                                f"makes {decoder.cfg.image_size} px ones: pass a matching --upsampler (or none)")
+        return cls(clip, decoder, Tokenizer.from_state(ckpt["tokenizer"]), prior, upsampler)
+
+    @property
+    def device(self):
+        return next(self.decoder.parameters()).device
+
+    def decoder_tokens(self, captions: list[str]) -> torch.Tensor:
+        for c in captions:
+            if not c.strip():
+                raise UserError("an empty prompt: give a caption to draw, e.g. --prompt \"a small red circle\"")
+        return self.tokenizer.encode_batch(captions, self.decoder.cfg.text_len).to(self.device)  # (B, T)
+
+    @torch.no_grad()
+    def prior_embeddings(self, captions: list[str], generator=None, steps=None, guidance_scale=None) -> torch.Tensor:
+        """(B, D) CLIP image embeddings sampled by the prior for B captions (draw 2, keep the closer to z_t)."""
+        if self.prior is None:
+            raise UserError("no prior loaded: pass --prior PATH, or --no-prior to decode from the caption alone")
+        text_emb, feats, pad_mask = clip_text_inputs(self.clip, captions)
+        return self.prior.sample(text_emb, feats, pad_mask, steps=steps, guidance_scale=guidance_scale,
+                                 generator=generator).float()
+
+    @torch.no_grad()
+    def decode(self, clip_emb=None, tokens=None, noise=None, steps=None, eta: float = 0.0, guidance_scale=None,
+               sampler: str = "ddim", generator=None, progress: bool = False) -> torch.Tensor:
+        """Images (B, 3, H, W) in [-1, 1] from z_i (B, D) and / or caption tokens (B, T), from noise x_T (B, 3, H, W)
+        when given (variations start from a DDIM-inverted one). sampler "ddim" (steps, eta) or "ddpm" (all T)."""
+        cfg = self.decoder.cfg
+        B = (clip_emb if clip_emb is not None else tokens).size(0)
+        scale = cfg.guidance_scale if guidance_scale is None else guidance_scale
+        model_fn = decoder_model_fn(self.decoder, clip_emb, tokens, scale)
+        shape = (B, cfg.out_channels, cfg.image_size, cfg.image_size)
+        if sampler == "ddpm":
+            return self.decoder_diffusion.ddpm_sample(model_fn, shape, noise=noise, generator=generator, clip_x0=1.0,
+                                                      progress=progress)
+        return self.decoder_diffusion.ddim_sample(model_fn, shape, steps or cfg.sample_steps, eta=eta, noise=noise,
+                                                  generator=generator, clip_x0=1.0, progress=progress)
+
+    @torch.no_grad()
+    def upsample(self, images: torch.Tensor, steps=None, generator=None, progress: bool = False) -> torch.Tensor:
+        """(B, 3, h, w) -> (B, 3, H, W) with the upsampler (DDIM, its own steps); unchanged without one."""
+        if self.upsampler is None:
+            return images
+        cfg = self.upsampler.cfg
+        low = images.clamp(-1, 1)
+        model_fn = lambda x_t, t: self.upsampler(x_t, t, low_res=low).float()  # noqa: E731
+        shape = (images.size(0), cfg.out_channels, cfg.image_size, cfg.image_size)
+        return self.upsampler_diffusion.ddim_sample(model_fn, shape, steps or cfg.sample_steps, generator=generator,
+                                                    clip_x0=1.0, progress=progress)
+
+    @torch.no_grad()
+    def invert(self, images: torch.Tensor, clip_emb: torch.Tensor, steps=None) -> torch.Tensor:
+        """x_T (B, 3, H, W) that DDIM (η = 0) decodes back to `images` given z_i: the image's "bipartite latent"
+        (z_i, x_T) of unCLIP §3. Unguided: inversion follows the conditional model alone."""
+        size = self.decoder.cfg.image_size
+        if images.shape[-1] != size:
+            images = F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        model_fn = decoder_model_fn(self.decoder, clip_emb, None, 1.0)
+        return self.decoder_diffusion.ddim_invert(model_fn, images.to(self.device),
+                                                  steps or self.decoder.cfg.sample_steps, clip_x0=1.0)
+
+    @torch.no_grad()
+    def generate(self, captions: list[str], num: int = 4, seed: int = 0, use_prior: bool = True, steps=None,
+                 eta: float = 0.0, guidance_scale=None, sampler: str = "ddim", upsample: bool = True,
+                 progress: bool = False) -> torch.Tensor:
+        """`num` images per caption: (P, num, 3, H, W) in [-1, 1]. Deterministic under `seed`."""
+        P = len(captions)
+        tokens = self.decoder_tokens(captions).repeat_interleave(num, dim=0)  # (P·num, T)
+        generator = torch.Generator(self.device).manual_seed(seed)
+        clip_emb = None
+        if use_prior:
+            clip_emb = self.prior_embeddings([c for c in captions for _ in range(num)], generator)  # (P·num, D)
+        images = self.decode(clip_emb, tokens, steps=steps, eta=eta, guidance_scale=guidance_scale,
+                             sampler=sampler, generator=generator, progress=progress)
+        if upsample:
+            images = self.upsample(images, generator=generator, progress=progress)
+        return images.float().view(P, num, *images.shape[1:])
+
+
+@torch.no_grad()
+def judge_dalle2(pipe: DALLE2, split: str, n_captions: int = 200, seed: int = 0, batch_size: int = 100,
+                 **sampling) -> dict:
+    """The shapes judge's full-match accuracy of one DALL-E 2 sample per caption (the first n captions of a
+    shapes split), and the cosine between the prior's z_i and the true image's CLIP embedding."""
+    from nanodalle.shapes import ShapesDataset, judge
+    dataset = ShapesDataset(split, pipe.decoder.cfg.image_size)
+    full, cosines = [], []
+    for s in range(0, n_captions, batch_size):
+        ids = range(s, min(s + batch_size, n_captions))
+        images, captions = zip(*(dataset[i] for i in ids))
+        truth = clip_image_embedding(pipe.clip, torch.stack(images))  # (b, D) the true images' z_i
+        generator = torch.Generator(pipe.device).manual_seed(seed + s)
+        clip_emb = pipe.prior_embeddings(list(captions), generator)  # (b, D)
+        cosines.append(F.cosine_similarity(clip_emb, truth).cpu())
+        out = pipe.decode(clip_emb, pipe.decoder_tokens(list(captions)), generator=generator, **sampling)
+        full += [judge(out[k], dataset.scene(i))["full"] for k, i in enumerate(ids)]
+    return {"judge": sum(full) / len(full), "prior_cosine_to_true": torch.cat(cosines).mean().item()}

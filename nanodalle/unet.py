@@ -49,6 +49,16 @@ class UNetConfig:
     text_heads: int = 2
     pad_id: int = 4097                # tokenizer.pad_id: padding is masked out everywhere
     low_res: bool = False             # upsampler: forward() takes a low-resolution image to upsample
+    # --- training and sampling settings, saved with the model (the UNet itself does not read them)
+    low_res_size: int = 0             # upsampler: the size of the image it upsamples (the decoder's output)
+    train_crop: int = 0               # upsampler: train on random crops this big (unCLIP §2.1: 1/4 of the side)
+    blur_sigma: float = 0.6           # upsampler: Gaussian blur (3×3) of the low-res image in training (§2.1)
+    timesteps: int = 1000             # unCLIP App. C: 1000 steps, cosine schedule
+    schedule: str = "cosine"
+    clip_drop: float = 0.1            # unCLIP §2.1: z_i dropped 10% of the time in training ...
+    text_drop: float = 0.5            # ... and the caption 50%
+    sample_steps: int = 50            # DDIM steps at sampling (unCLIP: 250 decoder, 27 and 15 upsamplers)
+    guidance_scale: float = 3.0       # classifier-free guidance at sampling (both z_i and caption dropped)
 
 
 # Parameter counts on the meta device, everything in the module (UNet, text transformer with its embeddings,
@@ -65,23 +75,31 @@ PRESETS = {
     # it is fully convolutional and can train on random crops (32×32 crops: ~4× cheaper than whole images)
     # and sample at the full size.
     "toy_upsampler": dict(image_size=64, base_channels=32, channel_mults="1,2,4", num_res_blocks=1,
-                          attention_resolutions="", clip_dim=0, text_vocab=0, low_res=True),
+                          attention_resolutions="", clip_dim=0, text_vocab=0, low_res=True, low_res_size=32,
+                          train_crop=32, sample_steps=25, guidance_scale=1.0),
     # 64 px decoder for one GPU: a quarter of the full width, ViT-B-sized CLIP embedding
     "small": dict(image_size=64, base_channels=128, channel_mults="1,2,3,4", num_res_blocks=2,
                   attention_resolutions="32,16,8", head_channels=64, dropout=0.1, clip_dim=512,
                   text_vocab=16386, text_len=77, text_width=512, text_layers=8, text_heads=8, pad_id=16385),
+    # 64 -> 256 px for one GPU: the full upsampler at 128 channels, depth 2
+    "small_upsampler": dict(image_size=256, base_channels=128, channel_mults="1,2,3,4", num_res_blocks=2,
+                            attention_resolutions="", clip_dim=0, text_vocab=0, low_res=True, low_res_size=64,
+                            train_crop=64, sample_steps=27, guidance_scale=1.0),
     # unCLIP App. C decoder: 64 px, 512 channels, depth 3, mults 1,2,3,4, attention at 32/16/8, 64 channels
     # per head, ViT-H CLIP (D = 1024); GLIDE §4's text transformer: 24 blocks of width 2048; dropout 0.1.
     # The vocabulary is a 16,384-token BPE + eot + pad (train_decoder.py sets it from the tokenizer in use).
     "full": dict(image_size=64, base_channels=512, channel_mults="1,2,3,4", num_res_blocks=3,
                  attention_resolutions="32,16,8", head_channels=64, dropout=0.1, clip_dim=1024,
-                 text_vocab=16386, text_len=128, text_width=2048, text_layers=24, text_heads=32, pad_id=16385),
+                 text_vocab=16386, text_len=128, text_width=2048, text_layers=24, text_heads=32, pad_id=16385,
+                 sample_steps=250),
     # unCLIP App. C: 64 -> 256 upsampler, 320 channels, depth 3, mults 1,2,3,4, no attention (700M there)
     "full_upsampler": dict(image_size=256, base_channels=320, channel_mults="1,2,3,4", num_res_blocks=3,
-                           attention_resolutions="", clip_dim=0, text_vocab=0, low_res=True),
+                           attention_resolutions="", clip_dim=0, text_vocab=0, low_res=True, low_res_size=64,
+                           train_crop=64, sample_steps=27, guidance_scale=1.0),
     # 256 -> 1024 (unCLIP: 300M, 192 channels): an approximation, 6 levels of mults 1,1,2,2,4,4, depth 2
     "full_upsampler2": dict(image_size=1024, base_channels=192, channel_mults="1,1,2,2,4,4", num_res_blocks=2,
-                            attention_resolutions="", clip_dim=0, text_vocab=0, low_res=True),
+                            attention_resolutions="", clip_dim=0, text_vocab=0, low_res=True, low_res_size=256,
+                            train_crop=256, sample_steps=15, guidance_scale=1.0),
 }
 
 
@@ -286,7 +304,7 @@ class UNet(nn.Module):
     def forward(self, x, t, clip_emb=None, tokens=None, low_res=None, drop_clip=None, drop_text=None):
         """ε̂ (B, out_channels, H, W) for x_t (B, in_channels, H, W) at steps t (B,).
 
-        clip_emb (B, D): the CLIP image embedding, when clip_dim > 0. tokens (B, T ≤ text_len): the caption,
+        clip_emb (B, D): the unit CLIP image embedding, when clip_dim > 0. tokens (B, T ≤ text_len): the caption,
         padded with pad_id, when text_vocab > 0. low_res (B, in_channels, h, w): the image to upsample, when
         low_res. drop_clip / drop_text (B,) bool, True = drop this sample's conditioning, for classifier-free
         guidance (GLIDE §2.3; unCLIP §2.1 drops z_i 10% and the caption 50% of the time): a dropped z_i is
@@ -314,6 +332,7 @@ class UNet(nn.Module):
             context.append(text)
             masks.append(real)
         if cfg.clip_dim:
+            clip_emb = clip_emb * cfg.clip_dim ** 0.5  # unit z_i has coordinates ~1/√D: bring them to ~1
             if drop_clip is not None:
                 clip_emb = torch.where(drop_clip[:, None], self.null_clip.to(clip_emb.dtype), clip_emb)  # (B, D)
             emb = emb + self.clip_to_emb(clip_emb)

@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from conftest import ENV, ROOT
-from nanodalle import train_utils
+from nanodalle import data, train_utils
 from nanodalle.clip import CLIP, CLIPConfig, contrastive_loss, eot_positions, load_clip
 from nanodalle.tokenizer import Tokenizer
 
@@ -265,7 +265,7 @@ def test_train_clip_end_to_end(tmp_path):
     # retrieval recomputed from the saved weights on the first 1000 val pairs
     import train_clip
     from nanodalle.shapes import ShapesDataset
-    images, captions = train_clip.first_pairs(ShapesDataset("val", 16), 1000)
+    images, captions = data.first_pairs(ShapesDataset("val", 16), 1000)
     img, txt = train_clip.embed_pairs(model, images, model.tokenizer.encode_batch(captions, model.cfg.context_length))
     t2i, i2t = train_clip.retrieval_top1(img, txt)
     assert math.isclose(t2i, metrics["t2i_top1_100"], abs_tol=1e-9) and math.isclose(i2t, metrics["i2t_top1_100"])
