@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from nanodalle import UserError, data, train_utils
 from nanodalle.clip import load_clip
 from nanodalle.pipeline import (DALLE2, clip_image_embedding, decoder_model_fn, judge_dalle2, make_diffusion,
-                                state_hash)
+                                state_hash, upsample_images)
 from nanodalle.unet import PRESETS, UNet, UNetConfig
 
 STAGE_PRESETS = {
@@ -100,7 +100,8 @@ def upsampler_batch(images: torch.Tensor, cfg: UNetConfig, generator: torch.Gene
     n = (cfg.image_size - crop) // scale + 1  # possible window starts, in low-res pixels
     xs, ys = torch.randint(n, (2, images.size(0)), generator=generator).tolist()
     c = crop // scale
-    x0 = torch.stack([im[:, y * scale:y * scale + crop, x * scale:x * scale + crop] for im, x, y in zip(images, xs, ys)])
+    x0 = torch.stack([im[:, y * scale:y * scale + crop, x * scale:x * scale + crop]
+                      for im, x, y in zip(images, xs, ys)])
     lows = torch.stack([lo[:, y:y + c, x:x + c] for lo, x, y in zip(low, xs, ys)])
     return x0, lows
 
@@ -151,7 +152,8 @@ def main():
         train_utils.check_facts(cfg, facts, f"--clip {args.clip}")
     diffusion = make_diffusion(cfg).to(trainer.device)
 
-    train_set = data.make_dataset(args.data, cfg.image_size, "train", rank=trainer.rank, world_size=trainer.world_size, seed=args.seed)
+    train_set = data.make_dataset(args.data, cfg.image_size, "train", rank=trainer.rank,
+                                  world_size=trainer.world_size, seed=args.seed)
     val_set = data.make_dataset(args.data, cfg.image_size, "val")
     loader = data.loader(train_set, args.batch_size, trainer.rank, trainer.world_size,
                          seed=args.seed + trainer.step, num_workers=args.num_workers)
@@ -215,10 +217,8 @@ def main():
     def evaluate_upsampler(model, gen):
         x = val_images[:64].to(trainer.device)
         low = downsample(x, cfg.low_res_size)  # the decoder's output would not be blurred
-        pipe = DALLE2.__new__(DALLE2)  # only the upsampler part of the pipeline
-        pipe.upsampler, pipe.upsampler_diffusion = model, diffusion
         with train_utils.autocast(trainer.device, trainer.dtype):
-            up = pipe.upsample(low, generator=gen).float()
+            up = upsample_images(model, diffusion, low, generator=gen).float()
         bilinear = F.interpolate(low, size=x.shape[-2:], mode="bilinear", align_corners=False)
         nearest = F.interpolate(low, size=x.shape[-2:], mode="nearest")
         k = 8
@@ -232,11 +232,11 @@ def main():
         shape = (k, cfg.out_channels, cfg.image_size, cfg.image_size)
         with train_utils.autocast(trainer.device, trainer.dtype):
             decoded = diffusion.ddim_sample(model_fn, shape, cfg.sample_steps, generator=gen, clip_x0=1.0).float()
-        train_utils.save_grid(torch.cat([val_images[:k], decoded.cpu()]), os.path.join(trainer.out, "samples.png"), nrow=k)
+        train_utils.save_grid(torch.cat([val_images[:k], decoded.cpu()]), os.path.join(trainer.out, "samples.png"),
+                              nrow=k)
         if args.data != "shapes" or not last:
             return out
         pipe = DALLE2(clip, model, tokenizer)
-        pipe.decoder_diffusion = diffusion
         out["judge_true_emb"] = judge_true_embeddings(pipe, gen)
         if args.prior != "none" and os.path.exists(args.prior):
             from nanodalle.prior import DiffusionPrior, PriorConfig

@@ -6,8 +6,13 @@ The forward process adds Gaussian noise in T small steps (DDPM, Ho et al. 2020, 
     q(x_t | x_{t-1}) = N(√(1 − β_t) · x_{t-1}, β_t · I)
 so in one jump, with α_t = 1 − β_t and ᾱ_t = ∏_{s ≤ t} α_s (eq. 4):
     q(x_t | x_0) = N(√ᾱ_t · x_0, (1 − ᾱ_t) · I)
-A network learns to undo one step; it predicts either the noise ε that was added ("eps", DDPM) or the clean sample x_0 itself ("x0", as the unCLIP prior does).
-Whichever it predicts, the other follows from x_t = √ᾱ_t · x_0 + √(1 − ᾱ_t) · ε.
+A network learns to undo one step; it predicts either the noise ε that was added ("eps", DDPM), the clean
+sample x_0 itself ("x0", as the unCLIP prior does), or the "velocity" v = √ᾱ_t · ε − √(1 − ᾱ_t) · x_0 ("v",
+Salimans & Ho 2022, §4). Whichever it predicts, the others follow from x_t = √ᾱ_t · x_0 + √(1 − ᾱ_t) · ε.
+Why v: at the noisiest steps ᾱ_t → 0 and x̂_0 = (x_t − √(1 − ᾱ_t) · ε̂)/√ᾱ_t multiplies any error in ε̂ by
+1/√ᾱ_t (10⁴ at the last cosine step), so an ε-model decides the coarse layout and colours of a sample from
+its worst estimates; x̂_0 = √ᾱ_t · x_t − √(1 − ᾱ_t) · v̂ amplifies nothing at either end. A small model
+trained briefly shows it: ε-prediction gets the background colour of toy images wrong, v-prediction right.
 
 Timesteps. The papers count t = 1..T; the code counts t = 0..T-1 (code t is paper t + 1), so buffers are
 indexed directly by t. "Before timestep 0" is the clean data: ᾱ = 1 there.
@@ -30,7 +35,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 SCHEDULES = ("linear", "cosine")
-PREDICTIONS = ("eps", "x0")
+PREDICTIONS = ("eps", "x0", "v")
 
 
 def linear_betas(timesteps: int) -> np.ndarray:
@@ -144,9 +149,14 @@ class GaussianDiffusion(nn.Module):
         recipm1 = _extract(self.sqrt_recipm1_alphas_cumprod, t, x_t)
         return (recip * x_t - x0) / recipm1
 
+    def velocity(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """v = √ᾱ_t · ε − √(1 − ᾱ_t) · x_0, the target of v-prediction (Salimans & Ho 2022, §4)."""
+        return (_extract(self.sqrt_alphas_cumprod, t, x0) * eps
+                - _extract(self.sqrt_one_minus_alphas_cumprod, t, x0) * x0)
+
     def output_to_x0_eps(self, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
                          clip_x0: float | None = None):
-        """Turn a model output (ε or x_0, per `self.predict`) into the pair (x̂_0, ε̂).
+        """Turn a model output (ε, x_0 or v, per `self.predict`) into the pair (x̂_0, ε̂).
 
         clip_x0: clamp x̂_0 to [-clip_x0, clip_x0] (1.0 for images in [-1, 1]; None for CLIP embeddings,
         which have no fixed range). After clipping, ε̂ is recomputed from the clipped x̂_0 so that the two stay
@@ -155,6 +165,10 @@ class GaussianDiffusion(nn.Module):
         if self.predict == "eps":
             eps = output
             x0 = self.predict_x0(x_t, t, eps)
+        elif self.predict == "v":  # x_0 = √ᾱ·x_t − √(1−ᾱ)·v and ε = √(1−ᾱ)·x_t + √ᾱ·v (v's definition, solved)
+            a, b = _extract(self.sqrt_alphas_cumprod, t, x_t), _extract(self.sqrt_one_minus_alphas_cumprod, t, x_t)
+            x0 = a * x_t - b * output
+            eps = b * x_t + a * output
         else:
             x0 = output
             eps = None
@@ -172,7 +186,7 @@ class GaussianDiffusion(nn.Module):
              generator: torch.Generator | None = None) -> torch.Tensor:
         """L_simple (DDPM eq. 14): ‖target − model(x_t, t)‖², averaged, with t ~ U{0..T-1} and ε ~ N(0, I).
 
-        The target is ε (predict="eps") or x_0 (predict="x0", unCLIP §2.2 for the prior). Pass t and / or noise
+        The target is ε (predict="eps"), x_0 (predict="x0", unCLIP §2.2 for the prior) or v (predict="v"). Pass t and / or noise
         to fix them; `generator` (on x0's device) makes the draws reproducible, else the global RNG is used.
         """
         B = x0.shape[0]
@@ -182,7 +196,12 @@ class GaussianDiffusion(nn.Module):
             noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         x_t = self.q_sample(x0, t, noise)
         output = model_fn(x_t, t)
-        target = noise if self.predict == "eps" else x0
+        if self.predict == "eps":
+            target = noise
+        elif self.predict == "v":
+            target = self.velocity(x0, t, noise)
+        else:
+            target = x0
         return F.mse_loss(output.float(), target.float())  # float: the model may run under bf16 autocast
 
     # ----------------------------------------------------------------------------------------------------

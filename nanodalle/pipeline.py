@@ -170,8 +170,8 @@ def slerp(a: torch.Tensor, b: torch.Tensor, frac: float) -> torch.Tensor:
 
 
 def make_diffusion(cfg) -> GaussianDiffusion:
-    """The decoder's / upsampler's Gaussian diffusion (ε-prediction), from the settings saved with the UNet."""
-    return GaussianDiffusion(cfg.timesteps, cfg.schedule, predict="eps")
+    """The decoder's / upsampler's Gaussian diffusion, from the settings saved with the UNet."""
+    return GaussianDiffusion(cfg.timesteps, cfg.schedule, predict=cfg.predict)
 
 
 def decoder_model_fn(unet: UNet, clip_emb, tokens, guidance_scale: float):
@@ -193,6 +193,16 @@ def decoder_model_fn(unet: UNet, clip_emb, tokens, guidance_scale: float):
     drop_clip2, drop_text2 = torch.cat([drop_clip, drop_all]), torch.cat([drop_text, drop_all])
     return guided_batched(lambda x_t, t: unet(x_t, t, clip2, tokens2, drop_clip=drop_clip2,
                                               drop_text=drop_text2).float(), guidance_scale)
+
+
+@torch.no_grad()
+def upsample_images(upsampler: UNet, diffusion: GaussianDiffusion, images: torch.Tensor, steps=None, generator=None,
+                    progress: bool = False) -> torch.Tensor:
+    """(B, 3, h, w) -> (B, 3, H, W): DDIM (the upsampler's own steps) conditioned on the low-res images."""
+    cfg, low = upsampler.cfg, images.clamp(-1, 1)
+    shape = (images.size(0), cfg.out_channels, cfg.image_size, cfg.image_size)
+    return diffusion.ddim_sample(lambda x_t, t: upsampler(x_t, t, low_res=low).float(), shape,
+                                 steps or cfg.sample_steps, generator=generator, clip_x0=1.0, progress=progress)
 
 
 class DALLE2:
@@ -267,17 +277,11 @@ class DALLE2:
         return self.decoder_diffusion.ddim_sample(model_fn, shape, steps or cfg.sample_steps, eta=eta, noise=noise,
                                                   generator=generator, clip_x0=1.0, progress=progress)
 
-    @torch.no_grad()
     def upsample(self, images: torch.Tensor, steps=None, generator=None, progress: bool = False) -> torch.Tensor:
-        """(B, 3, h, w) -> (B, 3, H, W) with the upsampler (DDIM, its own steps); unchanged without one."""
+        """(B, 3, h, w) -> (B, 3, H, W) with the upsampler; unchanged without one."""
         if self.upsampler is None:
             return images
-        cfg = self.upsampler.cfg
-        low = images.clamp(-1, 1)
-        model_fn = lambda x_t, t: self.upsampler(x_t, t, low_res=low).float()  # noqa: E731
-        shape = (images.size(0), cfg.out_channels, cfg.image_size, cfg.image_size)
-        return self.upsampler_diffusion.ddim_sample(model_fn, shape, steps or cfg.sample_steps, generator=generator,
-                                                    clip_x0=1.0, progress=progress)
+        return upsample_images(self.upsampler, self.upsampler_diffusion, images, steps, generator, progress)
 
     @torch.no_grad()
     def invert(self, images: torch.Tensor, clip_emb: torch.Tensor, steps=None) -> torch.Tensor:

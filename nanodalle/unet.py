@@ -1,7 +1,7 @@
 """The DALL-E 2 decoder and upsampler UNet: ADM (Dhariwal & Nichol 2021, "Diffusion Models Beat GANs")
 with GLIDE's text conditioning (Nichol et al. 2021) and unCLIP's CLIP conditioning (Ramesh et al. 2022, §2.1).
 
-Given a noised image x_t and its step t, the UNet predicts the noise ε (diffusion.py turns that into a loss
+Given a noised image x_t and its step t, the UNet predicts the noise ε, or v (diffusion.py turns that into a loss
 and a sampler). It works at every scale: ResBlocks at H×W, then H/2, H/4..., and back up, each level on the
 way up reading the features the way down left at its scale (skip connections):
 
@@ -55,6 +55,7 @@ class UNetConfig:
     blur_sigma: float = 0.6           # upsampler: Gaussian blur (3×3) of the low-res image in training (§2.1)
     timesteps: int = 1000             # unCLIP App. C: 1000 steps, cosine schedule
     schedule: str = "cosine"
+    predict: str = "v"                # what the output is: "eps" (DDPM, unCLIP), "v" or "x0" (diffusion.py says why v)
     clip_drop: float = 0.1            # unCLIP §2.1: z_i dropped 10% of the time in training ...
     text_drop: float = 0.5            # ... and the caption 50%
     sample_steps: int = 50            # DDIM steps at sampling (unCLIP: 250 decoder, 27 and 15 upsamplers)
@@ -63,7 +64,7 @@ class UNetConfig:
 
 # Parameter counts on the meta device, everything in the module (UNet, text transformer with its embeddings,
 # CLIP projections, null embeddings): toy 3.37M (text encoder 0.36M), toy_upsampler 2.59M, small 132M,
-# full 3.29B = 2.05B UNet + 1.24B text encoder (unCLIP: 3.5B), full_upsampler 678M (unCLIP: 700M),
+# small_upsampler 82.8M, full 3.29B = 2.05B UNet + 1.24B text encoder (unCLIP: 3.5B), full_upsampler 678M (unCLIP: 700M),
 # full_upsampler2 253M (unCLIP: 300M). tests/test_unet.py checks them against ranges.
 PRESETS = {
     # 32 px, 32/64/128 channels, depth 1 (depth 2 costs 1.4× the time), attention at 16 and 8: 38 GFLOP

@@ -104,7 +104,7 @@ def test_bad_names_raise():
     with pytest.raises(ValueError, match="schedule"):
         GaussianDiffusion(T, "quadratic")
     with pytest.raises(ValueError, match="prediction"):
-        GaussianDiffusion(T, "cosine", predict="v")
+        GaussianDiffusion(T, "cosine", predict="velocity")
     with pytest.raises(ValueError, match="timesteps"):
         GaussianDiffusion(10, "linear")  # β would go up to 2
     with pytest.raises(ValueError, match="DDIM steps"):
@@ -163,7 +163,7 @@ def test_q_posterior_matches_bayes(schedule):
     assert log_var[0].item() == pytest.approx(d.posterior_log_variance_clipped[1].item())
 
 
-@pytest.mark.parametrize("predict", ["eps", "x0"])
+@pytest.mark.parametrize("predict", ["eps", "x0", "v"])
 def test_output_to_x0_eps_is_consistent_with_x_t(predict):
     d = GaussianDiffusion(T, "cosine", predict)
     x_t, out = torch.randn(6, 3, 4, 4) * 2, torch.randn(6, 3, 4, 4) * 2
@@ -174,8 +174,12 @@ def test_output_to_x0_eps_is_consistent_with_x_t(predict):
             assert x0.abs().max().item() <= clip
         elif predict == "x0":
             torch.testing.assert_close(x0, out)
-        else:
+        elif predict == "eps":
             torch.testing.assert_close(eps, out)
+        else:  # v = √ᾱ·ε − √(1−ᾱ)·x_0, computed here in float64 from the schedule's formula
+            ab = torch.tensor(np_alphas_cumprod("cosine")[t.numpy()])[:, None, None, None]
+            v = ab.sqrt() * eps.double() - (1 - ab).sqrt() * x0.double()
+            torch.testing.assert_close(v.float(), out, rtol=1e-4, atol=1e-4)
         # whatever was predicted or clipped, x0 and eps put back together give x_t
         torch.testing.assert_close(d.q_sample(x0, t, eps), x_t, rtol=1e-4, atol=1e-4)
 
@@ -193,6 +197,14 @@ def test_loss_with_perfect_and_zero_models():
     assert d_x0.loss(lambda x_t, t: x0, x0, noise=noise).item() == 0.0
     loss_zero = d_x0.loss(lambda x_t, t: torch.zeros_like(x_t), x0, noise=noise).item()
     assert loss_zero == pytest.approx((x0 ** 2).mean().item(), rel=1e-6)
+    # v: the target at t is √ᾱ_t·ε − √(1−ᾱ_t)·x_0 (independently: from the numpy schedule)
+    d_v = GaussianDiffusion(T, "cosine", "v")
+    t = torch.arange(8) * 120
+    ab = torch.tensor(np_alphas_cumprod("cosine")[t.numpy()], dtype=torch.float32)[:, None, None, None]
+    v = ab.sqrt() * noise - (1 - ab).sqrt() * x0
+    assert d_v.loss(lambda x_t, tt: v, x0, t=t, noise=noise).item() == pytest.approx(0.0, abs=1e-10)
+    loss_zero = d_v.loss(lambda x_t, tt: torch.zeros_like(x_t), x0, t=t, noise=noise).item()
+    assert loss_zero == pytest.approx((v ** 2).mean().item(), rel=1e-5)
 
 
 def test_loss_draws_t_and_noise_from_the_generator():

@@ -169,7 +169,7 @@ def test_caption_padding_changes_nothing():
 
 # documented in unet.py's PRESETS comment: (low, high) bounds in parameters
 EXPECTED_PARAMS = {
-    "toy": (2e6, 6e6), "toy_upsampler": (1.5e6, 5e6), "small": (100e6, 200e6),
+    "toy": (2e6, 6e6), "toy_upsampler": (1.5e6, 5e6), "small": (100e6, 200e6), "small_upsampler": (70e6, 95e6),
     "full": (3.0e9, 3.6e9),             # unCLIP decoder: 3.5B with its text encoder
     "full_upsampler": (600e6, 750e6),   # unCLIP 64 -> 256: 700M
     "full_upsampler2": (230e6, 330e6),  # unCLIP 256 -> 1024: 300M
