@@ -242,7 +242,7 @@ def tiny_model(seed=0, **kw):
 
 
 def test_preset_grid_sizes():
-    assert DVAEConfig(**PRESETS["toy"]).grid_size == 8      # 32 px -> 8×8
+    assert DVAEConfig(**PRESETS["toy"]).grid_size == 16     # 32 px -> 16×16 (one downsampling)
     assert DVAEConfig(**PRESETS["small"]).grid_size == 16   # 128 px -> 16×16
     assert DVAEConfig(**PRESETS["full"]).grid_size == 32    # 256 px -> 32×32 (DALL-E)
     assert DVAEConfig(image_size=16, group_count=2).grid_size == 8
@@ -255,8 +255,7 @@ def test_encode_decode_shapes_and_ranges(recon):
     torch.manual_seed(1)
     x = torch.rand(3, 3, 32, 32) * 2 - 1
     codes = model.encode(x)
-    g = DVAEConfig(**PRESETS["toy"]).grid_size
-    assert codes.shape == (3, g, g) == (3, model.cfg.grid_size, model.cfg.grid_size)
+    assert codes.shape == (3, model.cfg.grid_size, model.cfg.grid_size) == (3, 8, 8)  # 32 px, 3 groups
     assert codes.dtype == torch.int64
     assert codes.min() >= 0 and codes.max() < K
     # encode is the argmax of the encoder's logits: no Gumbel noise, the same under any RNG state
