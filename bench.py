@@ -7,7 +7,7 @@
 For each training step: the median over --steps timed steps after --warmup untimed ones (forward, backward,
 AdamW), items/s, tokens/s, achieved GFLOP/s and its fraction of the matrix-multiply peak measured in the same
 run on the same device (a large square matmul, median of several), and peak memory. Sampling: DALL-E 1 with
-and without the KV cache.
+and without the KV cache; the unCLIP decoder with 50 DDIM steps and with 1000 DDPM steps.
 
 FLOP counts are the usual estimates: 6 · parameters per token for a transformer's matmuls (2 forward, 4
 backward) plus 12 · layers · T · C per token for attention scores (Kaplan et al. 2020; nanoGPT's MFU); for
@@ -25,7 +25,11 @@ import torch.nn as nn
 from nanodalle import train_utils
 from nanodalle.clip import CLIP, CLIPConfig
 from nanodalle.dalle import DALLE, DALLEConfig
+from nanodalle.diffusion import GaussianDiffusion
 from nanodalle.dvae import DVAE, DVAEConfig
+from nanodalle.pipeline import decoder_model_fn
+from nanodalle.prior import DiffusionPrior, PriorConfig
+from nanodalle.unet import UNet, UNetConfig
 
 # bench-toy and bench-long, as fixed in DESIGN.md: do not change them, results are compared over time
 SIZES = {
@@ -37,6 +41,12 @@ SIZES = {
                              n_head=8, n_embd=256),
     "dalle_long": DALLEConfig(text_len=64, text_vocab=1024, pad_id=1023, grid_size=16, image_vocab=1024, n_layer=8,
                               n_head=8, n_embd=512),
+    # prior: 32 caption-token features of width 256 + 4 tokens
+    "prior": PriorConfig(embed_dim=256, text_len=32, text_width=256, n_layer=4, n_head=8, n_embd=256),
+    # decoder: base 32, mults 1,2,4, depth 2, 32 px, CLIP embedding 256: 5.8M parameters with its text encoder
+    "decoder": UNetConfig(image_size=32, base_channels=32, channel_mults="1,2,4", num_res_blocks=2,
+                          attention_resolutions="16,8", clip_dim=256, text_vocab=1024, text_len=32, text_width=192,
+                          pad_id=1023),
 }
 
 
@@ -174,7 +184,50 @@ def bench_dalle(device, dtype, args):
     return rows
 
 
-STAGES = {"dvae": bench_dvae, "clip": bench_clip, "dalle": bench_dalle}
+def bench_prior(device, dtype, args):
+    cfg, B = SIZES["prior"], 32
+    model = DiffusionPrior(cfg).to(device)
+    g = torch.Generator().manual_seed(0)
+    image_emb = nn.functional.normalize(torch.randn(B, cfg.embed_dim, generator=g), dim=-1).to(device)
+    text_emb = nn.functional.normalize(torch.randn(B, cfg.embed_dim, generator=g), dim=-1).to(device)
+    feats = torch.randn(B, cfg.text_len, cfg.text_width, generator=g).to(device)
+    pad_mask = torch.ones(B, cfg.text_len, dtype=torch.bool, device=device)
+    step = train_step_fn(model, lambda: model(image_emb, text_emb, feats, pad_mask), device, dtype)
+    s = timed(step, device, args.steps, args.warmup)
+    T = cfg.text_len + 4
+    flops = B * T * transformer_flops_per_token(train_utils.count_params(model), cfg.n_layer, T, cfg.n_embd)
+    return [{"stage": "prior", "what": f"train step, bench-toy batch {B}", "ms": 1000 * s, "items_s": B / s,
+             "tokens_s": B * T / s, "gflops": flops / s / 1e9}]
+
+
+def bench_decoder(device, dtype, args):
+    cfg, B = SIZES["decoder"], 16
+    model = UNet(cfg).to(device)
+    diffusion = GaussianDiffusion(1000, "cosine").to(device)
+    x0 = torch.rand(B, 3, 32, 32, device=device) * 2 - 1
+    emb = nn.functional.normalize(torch.randn(B, cfg.clip_dim, device=device), dim=-1)
+    tokens = torch.randint(0, 1000, (B, cfg.text_len), device=device)
+    step = train_step_fn(model, lambda: diffusion.loss(lambda x, t: model(x, t, emb, tokens), x0), device, dtype)
+    s = timed(step, device, args.steps, args.warmup)
+    t = torch.zeros(B, dtype=torch.long, device=device)
+    flops = 3 * conv_flops(model, x0, t, emb, tokens)
+    rows = [{"stage": "decoder", "what": f"train step, bench-toy batch {B}", "ms": 1000 * s, "items_s": B / s,
+             "gflops": flops / s / 1e9, "note": f"{train_utils.count_params(model) / 1e6:.1f}M parameters"}]
+    # sampling 4 images with guidance (a doubled batch): 50 DDIM steps against 1000 DDPM steps
+    model.eval()
+    fn = decoder_model_fn(model, emb[:4], tokens[:4], 3.0)
+    with torch.no_grad(), train_utils.autocast(device, dtype):
+        ddim = timed(lambda: diffusion.ddim_sample(fn, (4, 3, 32, 32), 50), device, 3, 1)
+        ddpm = timed(lambda: diffusion.ddpm_sample(fn, (4, 3, 32, 32)), device, 1, 0)
+    rows.append({"stage": "decoder", "what": "sample 4 images, DDIM 50 steps, guided", "ms": 1000 * ddim,
+                 "unit": "ms", "items_s": 4 / ddim})
+    rows.append({"stage": "decoder", "what": "sample 4 images, DDPM 1000 steps, guided", "ms": 1000 * ddpm,
+                 "unit": "ms", "items_s": 4 / ddpm, "note": f"DDIM-50 is {ddpm / ddim:.1f}× faster"})
+    return rows
+
+
+STAGES = {"dvae": bench_dvae, "clip": bench_clip, "dalle": bench_dalle, "prior": bench_prior,
+          "decoder": bench_decoder}
 
 
 def main():
