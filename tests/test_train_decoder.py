@@ -121,7 +121,8 @@ def trained(tmp_path_factory):
                                "--out", str(tmp / "prior"))
     runs["decoder"] = run_script("train_decoder.py", *DECODER_FLAGS, "--steps", "3", "--clip", clip,
                                  "--prior", str(tmp / "prior/ckpt.pt"), "--out", str(tmp / "decoder"), timeout=600)
-    runs["upsampler"] = run_script("train_decoder.py", *UPSAMPLER_FLAGS, "--steps", "2", "--out", str(tmp / "upsampler"))
+    runs["upsampler"] = run_script("train_decoder.py", *UPSAMPLER_FLAGS, "--steps", "2",
+                                   "--out", str(tmp / "upsampler"))
     return tmp, runs
 
 
@@ -207,3 +208,19 @@ def test_full_presets_dry_run():
     assert r.returncode == 0 and "total: 3,29" in r.stdout, r.stdout[-500:]
     r = run_script("train_decoder.py", "--stage", "upsampler", "--size", "full", "--dry-run")
     assert r.returncode == 0 and "total: 67" in r.stdout, r.stdout[-500:]
+
+
+def test_evaluate_dalle2(trained, tmp_path):
+    tmp, _ = trained
+    r = run_script("-m", "nanodalle.evaluate", "--only", "dalle2", "--clip", str(tmp / "clip/ckpt.pt"), "--prior",
+                   str(tmp / "prior/ckpt.pt"), "--decoder", str(tmp / "decoder/ckpt.pt"), "--captions", "2",
+                   "--ddpm-captions", "1", "--json", str(tmp_path / "eval.json"))
+    assert r.returncode == 0, r.stderr
+    res = json.loads((tmp_path / "eval.json").read_text())
+    for key in ("dalle2_val_ddim50", "dalle2_heldout_ddim50", "dalle2_val_prior_cosine_to_true",
+                "dalle2_val_ddpm1000_first1", "dalle2_val_ddim50_first1"):
+        assert key in res, key
+    assert res["dalle2_val_ddim50"] in (0.0, 0.5, 1.0)  # 2 captions
+    assert "| dalle2_val_ddim50 |" in r.stdout
+    one_line_error(run_script("-m", "nanodalle.evaluate", "--only", "dalle2", "--decoder", "/nonexistent.pt",
+                              "--clip", str(tmp / "clip/ckpt.pt")), "/nonexistent.pt")
