@@ -160,7 +160,8 @@ def read_image(path: str, size: int) -> torch.Tensor:
 def dalle2_pipeline(args, device) -> DALLE2:
     needs_prior = not (args.no_prior or args.variations or args.interpolate or args.text_diff)
     prior = args.prior if needs_prior else None
-    upsampler = optional_checkpoint(args.upsampler, "out/upsampler/ckpt.pt", "--upsampler", "to keep the decoder's size")
+    upsampler = optional_checkpoint(args.upsampler, "out/upsampler/ckpt.pt", "--upsampler",
+                                    "to keep the decoder's size")
     return DALLE2.from_checkpoints(args.clip, args.decoder, prior, upsampler, device)
 
 
@@ -184,8 +185,13 @@ def sample_dalle2(args, device):
     gen = torch.Generator(pipe.device).manual_seed(args.seed)
     opts = dict(steps=args.steps, guidance_scale=args.guidance, generator=gen)
 
-    def finish(images):  # (N, 3, h, w) -> upsampled when there is an upsampler
+    final = pipe.upsampler.cfg.image_size if pipe.upsampler is not None else size
+
+    def finish(images):  # decoded (N, 3, h, w) -> upsampled when there is an upsampler
         return pipe.upsample(images, generator=gen).float().cpu()
+
+    def shown(path):  # a given image as it is, at the output size
+        return read_image(path, final)[None]
 
     if args.variations:
         image = read_image(args.variations, size)[None].to(pipe.device)  # (1, 3, H, W)
@@ -195,8 +201,8 @@ def sample_dalle2(args, device):
         eta = args.eta if args.eta > 0 else VARIATION_ETA
         recon = pipe.decode(z[:1], noise=x_T[:1], eta=0.0, **opts)  # η = 0 from the inverted x_T: ≈ the image
         inverted = pipe.decode(z, noise=x_T, eta=eta, **opts)
-        rows = [torch.cat([image, fresh]), torch.cat([recon, inverted])]
-        return (torch.stack([finish(r) for r in rows]), "variations.png",
+        rows = [torch.cat([shown(args.variations), finish(fresh)]), finish(torch.cat([recon, inverted]))]
+        return (torch.stack(rows), "variations.png",
                 f"row 1: the image, then decodings of its CLIP embedding from fresh noise; row 2: from its DDIM-"
                 f"inverted latent at η = 0, then at η = {eta}")
     fracs = torch.linspace(0, 1, args.frames).tolist()
@@ -206,8 +212,8 @@ def sample_dalle2(args, device):
         path = torch.cat([slerp(z[:1], z[1:], f) for f in fracs])  # (frames, D)
         noise = torch.randn(1, 3, size, size, generator=gen, device=pipe.device).expand(args.frames, -1, -1, -1)
         frames = pipe.decode(path, noise=noise, eta=0.0, **opts)  # one x_T for every frame
-        row = torch.cat([images[:1], frames, images[1:]])
-        return finish(row)[None], "interpolation.png", "the first image, the slerp path of CLIP embeddings, the second"
+        row = torch.cat([shown(args.interpolate[0]), finish(frames), shown(args.interpolate[1])])
+        return row[None], "interpolation.png", "the first image, the slerp path of CLIP embeddings, the second"
     if args.text_diff:
         image = read_image(args.image, size)[None].to(pipe.device)
         z_i = clip_image_embedding(pipe.clip, image)  # (1, D)
@@ -216,7 +222,7 @@ def sample_dalle2(args, device):
         path = torch.cat([F.normalize(slerp(z_i, z_d, 0.5 * f), dim=-1) for f in fracs])  # θ in [0, 0.5]
         x_T = pipe.invert(image, z_i, steps=args.steps).expand(args.frames, -1, -1, -1)
         frames = pipe.decode(path, noise=x_T, eta=0.0, **opts)
-        return (finish(torch.cat([image, frames]))[None], "text_diff.png",
+        return (torch.cat([shown(args.image), finish(frames)])[None], "text_diff.png",
                 f"the image, then its embedding moved from {args.text_diff[0]!r} towards {args.text_diff[1]!r}")
     prompts = read_prompts(args)
     text_len = pipe.decoder.cfg.text_len

@@ -3,7 +3,8 @@
     python -m nanodalle.demo            # what `make demo` runs; delete out/ to start from scratch
 
 A stage whose checkpoint is complete (its step has reached its planned steps) is skipped, and says so; one
-that was interrupted is resumed with --resume. Outputs: out/<stage>/ for each stage, out/demo/dalle1.png.
+that was interrupted is resumed with --resume. Outputs: out/<stage>/ for each stage, out/demo/dalle1.png and
+out/demo/dalle2.png (one row per prompt each).
 """
 import argparse
 import os
@@ -20,6 +21,9 @@ STAGES = [
     ("dvae", ["train_dvae.py"]),
     ("clip", ["train_clip.py"]),
     ("dalle", ["train_transformer.py"]),
+    ("prior", ["train_prior.py"]),
+    ("decoder", ["train_decoder.py", "--ddpm-captions", "0"]),  # the 1000-step DDPM judge is for Results
+    ("upsampler", ["train_decoder.py", "--stage", "upsampler"]),
 ]
 PROMPTS = ["a small red circle at the top", "a large blue square on the left", "a small green triangle in the center",
            "there is a large yellow star on the right", "a small purple heart at the bottom on a white background",
@@ -60,6 +64,10 @@ def main():
     times["sample dalle1"] = run(["sample.py", *args, "--num", "8", "--out", "out/demo/dalle1"])
     os.replace("out/demo/dalle1/grid.png", "out/demo/dalle1.png")
     print("DALL-E 1 samples (one row per prompt, CLIP-best first): out/demo/dalle1.png")
+    print("== sampling DALL-E 2", flush=True)
+    times["sample dalle2"] = run(["sample.py", "--pipeline", "dalle2", *args, "--num", "8", "--out", "out/demo/dalle2"])
+    os.replace("out/demo/dalle2/grid.png", "out/demo/dalle2.png")
+    print("DALL-E 2 samples (one row per prompt, prior -> decoder -> upsampler): out/demo/dalle2.png")
     for name, seconds in times.items():
         print(f"  {name}: {seconds / 60:.1f} min")
 
