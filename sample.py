@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 
 from nanodalle import UserError, data, train_utils
-from nanodalle.pipeline import DALLE1, DALLE2, clip_image_embedding, clip_text_inputs, slerp
+from nanodalle.pipeline import (DALLE1, DALLE2, add_dalle1_sampling_args, check_dalle1_sampling, clip_image_embedding,
+                                clip_text_inputs, slerp)
 
 VARIATION_ETA = 0.8  # η of the variations from an inverted latent, when --eta is 0
 
@@ -46,11 +47,7 @@ def parse_args(argv=None):
     p.add_argument("--num", type=int, default=8, help="candidates sampled per caption (default: 8)")
     p.add_argument("--keep", type=int, help="images kept per caption, best first (default: all of --num)")
     p.add_argument("--seed", type=int, default=0, help="(default: 0)")
-    p.add_argument("--temperature", type=float, default=1.0, help="(default: 1.0; the paper samples at 1)")
-    p.add_argument("--top-k", type=int, help="sample among the k most likely codes only (default: off)")
-    p.add_argument("--top-p", type=float, help="nucleus sampling: the smallest set of codes with this mass")
-    p.add_argument("--cond-scale", type=float, default=1.0,
-                   help="classifier-free guidance scale: 1 = off (default), 2-4 follow the caption more")
+    add_dalle1_sampling_args(p)
     p.add_argument("--image", help="complete this image: keep its top --prompt-rows rows of codes (§3.3)")
     p.add_argument("--prompt-rows", type=int, default=None, help="rows of codes kept from --image (default: half)")
     p.add_argument("--dvae", default="out/dvae/ckpt.pt")
@@ -97,12 +94,7 @@ def check_sampling_flags(args):
     args.keep = args.num if args.keep is None else args.keep
     if not 1 <= args.keep <= args.num:
         raise UserError(f"--keep {args.keep}: keep between 1 and --num {args.num} images")
-    if args.temperature < 0:
-        raise UserError(f"--temperature {args.temperature}: must be ≥ 0 (0 = always the most likely code)")
-    if args.top_k is not None and args.top_k < 1:
-        raise UserError(f"--top-k {args.top_k}: must be ≥ 1")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        raise UserError(f"--top-p {args.top_p}: must be in (0, 1]")
+    check_dalle1_sampling(args)
 
 
 def sample_dalle1(args, prompts, device):
@@ -131,8 +123,7 @@ def sample_dalle1(args, prompts, device):
         prompt_images = image[None].expand(len(prompts), -1, -1, -1)
     images, scores = pipe.generate(prompts, num=args.num, seed=args.seed, prompt_images=prompt_images,
                                    prompt_rows=rows, batch_size=args.batch_size, progress=True,
-                                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                   cond_scale=args.cond_scale)
+                                   **check_dalle1_sampling(args))
     return images[:, :args.keep], scores[:, :args.keep], pipe.clip is not None
 
 

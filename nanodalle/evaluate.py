@@ -4,7 +4,7 @@
     python -m nanodalle.evaluate --only dalle2 --captions 200 --ddpm-captions 50 --json out/eval.json
 
 DALL-E 1 (out/dvae, out/dalle, out/clip): the judge's full-match accuracy of one sample and of the CLIP-best
-of 8. DALL-E 2 (out/clip, out/prior, out/decoder):
+of 8, sampled with --temperature, --top-k, --top-p and --cond-scale (as in sample.py; the defaults are the paper's). DALL-E 2 (out/clip, out/prior, out/decoder):
 one sample per caption with 50 DDIM steps, guided, and with 1000 ancestral DDPM steps on the first
 --ddpm-captions of the same captions (DDIM again on just those, for a paired comparison), with their times;
 the cosine between the prior's z_i and the true image's. Each on the first --captions captions of "val"
@@ -19,7 +19,7 @@ import time
 import torch
 
 from nanodalle import UserError, train_utils
-from nanodalle.pipeline import DALLE1, DALLE2, judge_dalle1, judge_dalle2
+from nanodalle.pipeline import DALLE1, DALLE2, add_dalle1_sampling_args, check_dalle1_sampling, judge_dalle1, judge_dalle2
 
 SPLITS = ("val", "heldout")
 
@@ -28,7 +28,7 @@ def evaluate_dalle1(args, device) -> dict:
     pipe = DALLE1.from_checkpoints(args.dalle, args.dvae, args.clip, device)
     out = {}
     for split in SPLITS:
-        res = judge_dalle1(pipe, split, args.captions, num=8)
+        res = judge_dalle1(pipe, split, args.captions, num=8, **check_dalle1_sampling(args))
         out[f"dalle1_{split}_single"], out[f"dalle1_{split}_rerank8"] = res["single"], res.get("rerank")
     return out
 
@@ -58,6 +58,7 @@ def main():
     p.add_argument("--captions", type=int, default=200, help="captions per split (default: 200)")
     p.add_argument("--ddpm-captions", type=int, default=0,
                    help="DALL-E 2: also sample this many val captions with 1000 DDPM steps (slow on a CPU; default 0)")
+    add_dalle1_sampling_args(p.add_argument_group("DALL-E 1 sampling"))
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--json", help="also write the numbers to this file")
     args = p.parse_args()

@@ -109,6 +109,26 @@ class DALLE1:
         return images, scores
 
 
+def add_dalle1_sampling_args(parser) -> None:
+    """The flags of DALL-E 1 sampling (sample.py, evaluate.py); check_dalle1_sampling reads them."""
+    parser.add_argument("--temperature", type=float, default=1.0, help="(default: 1.0; the paper samples at 1)")
+    parser.add_argument("--top-k", type=int, help="sample among the k most likely codes only (default: off)")
+    parser.add_argument("--top-p", type=float, help="nucleus sampling: the smallest set of codes with this mass")
+    parser.add_argument("--cond-scale", type=float, default=1.0,
+                        help="classifier-free guidance scale: 1 = off (default), 2-4 follow the caption more")
+
+
+def check_dalle1_sampling(args) -> dict:
+    """A one-line UserError for an impossible setting, else the kwargs of DALLE1.generate."""
+    if args.temperature < 0:
+        raise UserError(f"--temperature {args.temperature}: must be ≥ 0 (0 = always the most likely code)")
+    if args.top_k is not None and args.top_k < 1:
+        raise UserError(f"--top-k {args.top_k}: must be ≥ 1")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise UserError(f"--top-p {args.top_p}: must be in (0, 1]")
+    return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, cond_scale=args.cond_scale)
+
+
 def clip_scores(clip, images: torch.Tensor, caption: str) -> torch.Tensor:
     """(N,) cosine similarity of each image to the caption, images resized to CLIP's input size if needed."""
     size = clip.cfg.image_size
