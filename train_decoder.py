@@ -169,7 +169,7 @@ def main():
     def loss_fn(model, batch, step):
         if stage == "upsampler":
             x0, low = batch
-            return diffusion.loss(lambda x_t, t: model(x_t, t, low_res=low), x0), {}
+            return diffusion.loss(lambda x_t, t: model(x_t, t, low_res=low), x0, snr_gamma=cfg.snr_gamma), {}
         images, tokens = batch
         with torch.no_grad():
             clip_emb = clip_image_embedding(clip, images)  # (B, D) of the very images being denoised
@@ -177,7 +177,7 @@ def main():
         drop_clip = torch.rand(B, device=images.device) < cfg.clip_drop  # unCLIP §2.1: 10%
         drop_text = torch.rand(B, device=images.device) < cfg.text_drop  # and 50%, independently
         return diffusion.loss(lambda x_t, t: model(x_t, t, clip_emb, tokens, drop_clip=drop_clip,
-                                                   drop_text=drop_text), images), {}
+                                                   drop_text=drop_text), images, snr_gamma=cfg.snr_gamma), {}
 
     # --- a fixed evaluation batch
     val_images, val_captions = data.first_pairs(val_set, VAL_IMAGES)

@@ -108,6 +108,7 @@ class GaussianDiffusion(nn.Module):
             "sqrt_one_minus_alphas_cumprod": np.sqrt(1 - alphas_cumprod),
             "sqrt_recip_alphas_cumprod": np.sqrt(1 / alphas_cumprod),        # 1/√ᾱ_t
             "sqrt_recipm1_alphas_cumprod": np.sqrt(1 / alphas_cumprod - 1),  # √(1 − ᾱ_t)/√ᾱ_t
+            "snr": alphas_cumprod / (1 - alphas_cumprod),                     # SNR_t = ᾱ_t / (1 − ᾱ_t)
             "posterior_variance": posterior_variance,
             "posterior_log_variance_clipped": posterior_log_variance,
             # μ̃_t(x_t, x_0) = coef1 · x_0 + coef2 · x_t   (DDPM eq. 7)
@@ -183,11 +184,17 @@ class GaussianDiffusion(nn.Module):
     # training
 
     def loss(self, model_fn, x0: torch.Tensor, t: torch.Tensor | None = None, noise: torch.Tensor | None = None,
-             generator: torch.Generator | None = None) -> torch.Tensor:
+             generator: torch.Generator | None = None, snr_gamma: float = 0.0) -> torch.Tensor:
         """L_simple (DDPM eq. 14): ‖target − model(x_t, t)‖², averaged, with t ~ U{0..T-1} and ε ~ N(0, I).
 
         The target is ε (predict="eps"), x_0 (predict="x0", unCLIP §2.2 for the prior) or v (predict="v"). Pass t and / or noise
         to fix them; `generator` (on x0's device) makes the draws reproducible, else the global RNG is used.
+
+        snr_gamma > 0: Min-SNR-γ weighting (Hang et al. 2023, eq. 8). Every target's error is a multiple of the
+        x_0 error: ‖ε − ε̂‖² = SNR·‖x_0 − x̂_0‖² and ‖v − v̂‖² = (SNR + 1)·‖x_0 − x̂_0‖², with SNR_t = ᾱ_t / (1 − ᾱ_t).
+        Min-SNR weights the x_0 error by min(SNR, γ), so that the nearly clean steps (huge SNR, where the x_0
+        error is all but zero and ε is easy) do not pull against the noisy ones; here that is the weight
+        min(SNR, γ) / SNR for ε, min(SNR, γ) / (SNR + 1) for v and min(SNR, γ) for x_0.
         """
         B = x0.shape[0]
         if t is None:
@@ -202,7 +209,12 @@ class GaussianDiffusion(nn.Module):
             target = self.velocity(x0, t, noise)
         else:
             target = x0
-        return F.mse_loss(output.float(), target.float())  # float: the model may run under bf16 autocast
+        if snr_gamma <= 0:
+            return F.mse_loss(output.float(), target.float())  # float: the model may run under bf16 autocast
+        per_sample = (output.float() - target.float()).pow(2).flatten(1).mean(dim=1)  # (B,)
+        snr = self.snr[t]  # (B,)
+        weight = snr.clamp(max=snr_gamma) / {"eps": snr, "v": snr + 1, "x0": torch.ones_like(snr)}[self.predict]
+        return (weight.float() * per_sample).mean()
 
     # ----------------------------------------------------------------------------------------------------
     # sampling

@@ -56,6 +56,7 @@ class UNetConfig:
     timesteps: int = 1000             # unCLIP App. C: 1000 steps, cosine schedule
     schedule: str = "cosine"
     predict: str = "v"                # what the output is: "eps" (DDPM, unCLIP), "v" or "x0" (diffusion.py says why v)
+    snr_gamma: float = 0.0            # > 0: Min-SNR-γ loss weighting (Hang et al. 2023; diffusion.loss); 0: L_simple
     clip_drop: float = 0.1            # unCLIP §2.1: z_i dropped 10% of the time in training ...
     text_drop: float = 0.5            # ... and the caption 50%
     sample_steps: int = 50            # DDIM steps at sampling (unCLIP: 250 decoder, 27 and 15 upsamplers)

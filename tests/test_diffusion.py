@@ -207,6 +207,28 @@ def test_loss_with_perfect_and_zero_models():
     assert loss_zero == pytest.approx((v ** 2).mean().item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("predict", ["eps", "v", "x0"])
+def test_min_snr_loss_is_the_clamped_snr_times_the_x0_error(predict):
+    # Min-SNR-γ (Hang et al. 2023): whatever the model predicts, the weighted loss is
+    # mean_b min(SNR_b, γ) · ‖x_0 − x̂_0‖²_b, with x̂_0 recovered from the output and SNR from the numpy schedule
+    gamma = 5.0
+    d = GaussianDiffusion(T, "cosine", predict)
+    x0, noise, out = torch.randn(8, 3, 4, 4), torch.randn(8, 3, 4, 4), torch.randn(8, 3, 4, 4)
+    t = torch.tensor([0, 10, 60, 150, 300, 500, 800, 999])
+    ab = np_alphas_cumprod("cosine")[t.numpy()]
+    snr = torch.tensor(ab / (1 - ab), dtype=torch.float32)
+    x_t = torch.tensor(np.sqrt(ab), dtype=torch.float32)[:, None, None, None] * x0 \
+        + torch.tensor(np.sqrt(1 - ab), dtype=torch.float32)[:, None, None, None] * noise
+    x0_hat, _ = d.output_to_x0_eps(out, x_t, t)
+    want = (snr.clamp(max=gamma) * (x0 - x0_hat).pow(2).flatten(1).mean(1)).mean()
+    got = d.loss(lambda x, tt: out, x0, t=t, noise=noise, snr_gamma=gamma)
+    assert got.item() == pytest.approx(want.item(), rel=2e-3)
+    # γ = 0 is the plain loss; the weights are not all 1 (the test would pass for any weighting otherwise)
+    plain = d.loss(lambda x, tt: out, x0, t=t, noise=noise)
+    assert d.loss(lambda x, tt: out, x0, t=t, noise=noise, snr_gamma=0.0).item() == plain.item()
+    assert abs(got.item() - plain.item()) > 1e-3 * plain.item()
+
+
 def test_loss_draws_t_and_noise_from_the_generator():
     d = GaussianDiffusion(T, "linear")
     ab = np_alphas_cumprod("linear")
