@@ -16,7 +16,8 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 
 venv: $(VENV)/.installed
 
-# Trains the toy stages in turn (dVAE, CLIP, DALL-E 1 transformer) and samples: nanodalle/demo.py.
+# Trains the toy stages in turn (dVAE, CLIP, DALL-E 1 transformer, prior, decoder, upsampler) and samples
+# both pipelines: nanodalle/demo.py.
 # Re-running skips a stage whose checkpoint is complete, and resumes one that was interrupted.
 demo: venv
 	$(PY) -m nanodalle.demo
