@@ -4,12 +4,12 @@
     python -m nanodalle.evaluate --only dalle2 --captions 200 --ddpm-captions 50 --json out/eval.json
 
 DALL-E 1 (out/dvae, out/dalle, out/clip): the judge's full-match accuracy of one sample and of the CLIP-best
-of 8, sampled with --temperature, --top-k, --top-p and --cond-scale (as in sample.py; the defaults are the paper's). DALL-E 2 (out/clip, out/prior, out/decoder):
-one sample per caption with 50 DDIM steps, guided, and with 1000 ancestral DDPM steps on the first
---ddpm-captions of the same captions (DDIM again on just those, for a paired comparison), with their times;
-the cosine between the prior's z_i and the true image's. Each on the first --captions captions of "val"
-(colour-shape pairs seen in training) and of "heldout" (never seen), separately. The upsampler is not used:
-the judge reads the decoder's images.
+of 8, sampled with --temperature, --top-k, --top-p and --cond-scale (as in sample.py; the defaults are the
+paper's). DALL-E 2 (out/clip, out/prior, out/decoder): one sample per caption with 50 DDIM steps, guided,
+and with 1000 ancestral DDPM steps on the first --ddpm-captions of the same captions (DDIM again on just
+those, for a paired comparison), with their times; the cosine between the prior's z_i and the true image's.
+Each on the first --captions captions of "val" (colour-shape pairs seen in training) and of "heldout" (never
+seen), separately. The upsampler is not used: the judge reads the decoder's images.
 """
 import argparse
 import json
@@ -19,7 +19,8 @@ import time
 import torch
 
 from nanodalle import UserError, train_utils
-from nanodalle.pipeline import DALLE1, DALLE2, add_dalle1_sampling_args, check_dalle1_sampling, judge_dalle1, judge_dalle2
+from nanodalle.pipeline import (DALLE1, DALLE2, add_dalle1_sampling_args, check_dalle1_sampling, judge_dalle1,
+                                judge_dalle2)
 
 SPLITS = ("val", "heldout")
 

@@ -146,3 +146,34 @@ def test_train_transformer_user_errors(upstream, tmp_path):
     assert r.returncode == 2 and "'clip' checkpoint" in r.stderr and "Traceback" not in r.stderr
     r = run_script("train_transformer.py", "--size", "full", "--dry-run")
     assert r.returncode == 0 and "total:" in r.stdout
+
+
+def test_evaluate_dalle1_scores_the_sampled_candidates(trained, upstream, monkeypatch):
+    # evaluate.py's DALL-E 1 numbers, recomputed by hand from DALLE1.generate. A 3-step model fails the real
+    # judge everywhere (all zeros would prove nothing), so a stand-in judge passes the brighter images.
+    from types import SimpleNamespace
+    from nanodalle import evaluate
+    out, r = trained
+    assert r.returncode == 0, r.stderr
+    threshold = {}
+    monkeypatch.setattr(shapes, "judge", lambda image, scene: {"full": bool(image.mean() > threshold["value"])})
+    paths = dict(dalle=str(out / "ckpt.pt"), dvae=str(upstream / "dvae/ckpt.pt"), clip=str(upstream / "clip/ckpt.pt"))
+    pipe = DALLE1.from_checkpoints(paths["dalle"], paths["dvae"], paths["clip"])
+    for sampling in (dict(temperature=1.0, top_k=None, top_p=None, cond_scale=1.0),
+                     dict(temperature=0.5, top_k=3, top_p=None, cond_scale=2.0)):
+        means = {}  # split -> (4, 8) mean brightness of each candidate, CLIP-best first
+        for split in ("val", "heldout"):
+            captions = [c for c, _ in shapes.eval_records(split, 4)]
+            images, _ = pipe.generate(captions, num=8, seed=0, **sampling)  # (4, 8, 3, H, W)
+            means[split] = images.mean(dim=(2, 3, 4))
+        threshold["value"] = torch.cat(list(means.values())).median()
+        want = {}
+        for split, m in means.items():
+            full = (m > threshold["value"]).float()  # (4, 8)
+            want[f"dalle1_{split}_single"], want[f"dalle1_{split}_rerank8"] = full.mean().item(), full[:, 0].mean().item()
+        assert 0 < want["dalle1_val_single"] + want["dalle1_heldout_single"] < 2
+        got = evaluate.evaluate_dalle1(SimpleNamespace(**paths, captions=4, **sampling), "cpu")
+        assert got == want, (sampling, got, want)
+    r = run_script("-m", "nanodalle.evaluate", "--only", "dalle1", "--dalle", paths["dalle"], "--dvae", paths["dvae"],
+                   "--clip", paths["clip"], "--captions", "4", "--top-k", "0")
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == ["error: --top-k 0: must be ≥ 1"], r.stderr
