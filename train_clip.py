@@ -156,9 +156,7 @@ def main():
         return loss, {"scale": raw.scale().detach()}  # 1/τ, the learned inverse temperature
 
     def evaluate(step):
-        model = trainer.eval_model()
-        was_training = model.training
-        model.eval()
+        model = trainer.eval_model()  # in eval mode, without gradients (Trainer.run_evaluation)
         img, txt = embed_pairs(model, val_images, val_tokens)
         t2i, i2t = retrieval_top1(img, txt)
         metrics = {"t2i_top1_100": t2i, "i2t_top1_100": i2t}
@@ -169,7 +167,6 @@ def main():
                 truth = torch.tensor([names.index(getattr(val_set.scene(i).objects[0], attr)) for i in single])
                 pred = model.zero_shot_classify(images, zero_shot_prompts(attr)).cpu()
                 metrics[f"zeroshot_{attr}"] = (pred == truth).float().mean().item()
-        model.train(was_training)
         metrics["scale"] = model.scale().item()
         skipped = data.skipped_summary(train_set)
         return {**metrics, **({"skipped": skipped} if skipped else {})}

@@ -186,11 +186,8 @@ def main():
         with torch.no_grad():
             val_emb = clip_image_embedding(clip, val_images.to(trainer.device))
 
-    @torch.no_grad()
     def evaluate(step):
-        model = trainer.eval_model()
-        was_training = model.training
-        model.eval()
+        model = trainer.eval_model()  # in eval mode, without gradients (Trainer.run_evaluation)
         g = torch.Generator().manual_seed(0)  # the same t and noise at every evaluation
         metrics, mse, n = {}, 0.0, len(val_images)
         for s in range(0, n, 64):
@@ -211,7 +208,6 @@ def main():
             metrics.update(evaluate_upsampler(model, gen))
         else:
             metrics.update(evaluate_decoder(model, gen, last=step == args.steps))
-        model.train(was_training)
         return metrics
 
     def evaluate_upsampler(model, gen):

@@ -122,11 +122,8 @@ def main():
         image_emb, text_emb, feats, pad_mask = batch
         return model(image_emb, text_emb, feats, pad_mask), {}  # captions dropped cond_drop of the time
 
-    @torch.no_grad()
     def evaluate(step):
-        model = trainer.eval_model()
-        was_training = model.training
-        model.eval()
+        model = trainer.eval_model()  # in eval mode, without gradients (Trainer.run_evaluation)
         g = torch.Generator().manual_seed(0)  # the same t and noise at every evaluation
         n_val = min(len(val_cache["text_emb"]), VAL_CAPTIONS)
         mse = 0.0
@@ -143,7 +140,6 @@ def main():
         gen = torch.Generator(trainer.device).manual_seed(0)  # the same noise at every evaluation too
         with train_utils.autocast(trainer.device, trainer.dtype):
             sampled = model.sample(text_emb, feats, pad_mask, steps=cfg.sample_steps, generator=gen)  # (n, D)
-        model.train(was_training)
         return {"val_mse": mse / n_val,
                 "prior_cosine_to_true": F.cosine_similarity(sampled.float(), image_emb).mean().item(),
                 "text_cosine_to_true": F.cosine_similarity(text_emb, image_emb).mean().item(),

@@ -127,11 +127,8 @@ def main():
         loss, text_loss, image_loss = model(text, codes)
         return loss, {"text_loss": text_loss.detach(), "image_loss": image_loss.detach()}
 
-    @torch.no_grad()
     def evaluate(step):
-        model = trainer.eval_model()
-        was_training = model.training
-        model.eval()
+        model = trainer.eval_model()  # in eval mode, without gradients (Trainer.run_evaluation)
         sums = torch.zeros(3)
         val = batches(val_cache, tokenizer, cfg.text_len, 256, seed=0)
         n_batches = max(1, min(len(val_cache["codes"]), VAL_IMAGES) // 256)
@@ -154,7 +151,6 @@ def main():
         train_utils.save_grid(images.flatten(0, 1), os.path.join(trainer.out, "samples.png"), nrow=8)
         with open(os.path.join(trainer.out, "samples.txt"), "w") as f:
             f.write("\n".join(captions) + "\n")
-        model.train(was_training)
         return metrics
 
     trainer.fit(train_batches, loss_fn, evaluate)

@@ -464,7 +464,7 @@ class Trainer:
                 t0, t0_step = time.time(), self.step
             if self.step % args.eval_every == 0 or last:
                 if self.master and evaluate is not None:
-                    metrics = {"step": self.step, **evaluate(self.step)}
+                    metrics = {"step": self.step, **self.run_evaluation(evaluate)}
                     write_json_atomic(metrics, os.path.join(self.out, "metrics.json"))
                     bar.write(" | ".join(f"{k} {_fmt(v)}" for k, v in metrics.items()))
                 self.save()
@@ -498,6 +498,17 @@ class Trainer:
     def eval_model(self) -> nn.Module:
         """The weights to evaluate and sample with: the EMA when there is one."""
         return self.ema.model if self.ema is not None else self.raw_model
+
+    def run_evaluation(self, evaluate: Callable[[int], dict]) -> dict:
+        """evaluate(step) with eval_model() in eval mode (no dropout) and no gradients; its mode is restored after."""
+        model = self.eval_model()
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                return evaluate(self.step)
+        finally:
+            model.train(was_training)
 
     def save(self):
         """Every rank calls this (DDP ranks wait for the master); only the master writes."""

@@ -557,3 +557,23 @@ def test_ddp_two_processes_gloo(tmp_path, monkeypatch):
     for k in single:
         assert torch.equal(b0[k], b1[k]), k
         torch.testing.assert_close(b0[k], single[k], atol=1e-6, rtol=1e-5)
+
+
+def test_evaluation_runs_in_eval_mode_without_gradients_and_restores_the_mode(tmp_path):
+    trainer, cfg = make_trainer(tmp_path / "run", 2)
+    model = trainer.eval_model()
+    seen = []
+
+    def evaluate(step):
+        seen.append((step, model.training, torch.is_grad_enabled()))
+        return {"x": 1.0}
+
+    trainer.fit(iter([(fixed_batch(0), None), (fixed_batch(1), None)]), dvae_loss_fn(cfg), evaluate)
+    assert seen == [(2, False, False)]  # called once, at the last step, in eval mode with no autograd
+    assert model.training and torch.is_grad_enabled()
+
+    def fails(step):
+        raise RuntimeError("boom")
+    with pytest.raises(RuntimeError):
+        trainer.run_evaluation(fails)
+    assert model.training  # restored even when the evaluation raises
