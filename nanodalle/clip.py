@@ -137,6 +137,13 @@ class TextEncoder(nn.Module):
         return self.project(tokens, self.features(tokens))  # (B, D)
 
 
+def _scalar_logit_scale(module, state_dict, prefix, *args):
+    """Checkpoints written before logit_scale became (1,) hold it as a 0-d tensor: reshape it on load."""
+    key = prefix + "logit_scale"
+    if key in state_dict and state_dict[key].dim() == 0:
+        state_dict[key] = state_dict[key].reshape(1)
+
+
 class CLIP(nn.Module):
     """encode_image / encode_text -> unit vectors; forward -> loss; zero_shot_classify and rank take strings.
 
@@ -149,9 +156,11 @@ class CLIP(nn.Module):
         self.cfg = cfg
         self.image_encoder = ImageEncoder(cfg)
         self.text_encoder = TextEncoder(cfg)
-        self.logit_scale = nn.Parameter(torch.empty(()))  # log(1/τ), learned (§2.5)
+        self.logit_scale = nn.Parameter(torch.empty(1))  # log(1/τ), learned (§2.5); (1,): FSDP shards no 0-d tensor
         self.tokenizer = None
         self.init_weights()
+        self.register_load_state_dict_pre_hook(_scalar_logit_scale)
+
 
     def init_weights(self):
         """The one place CLIP's weights are set. Transformer blocks: GPT-2 init (transformer.init_weights,
