@@ -113,7 +113,7 @@ def main():
     args = parser.parse_args()
     cfg = train_utils.config_from_args(CLIPConfig, PRESETS, args)
     if args.dry_run:
-        return train_utils.dry_run(CLIP, cfg)
+        return train_utils.dry_run(CLIP, cfg, args, "clip")
     for what, width, heads in (("vision", cfg.vision_width, cfg.vision_heads), ("text", cfg.text_width, cfg.text_heads)):
         if width % heads:
             raise train_utils.UserError(f"--{what}-width {width} is not a multiple of --{what}-heads {heads}")
@@ -152,7 +152,7 @@ def main():
 
     def loss_fn(model, batch, step):
         images, tokens = batch  # (B, 3, H, W), (B, T)
-        loss = model(images, tokens, gather=gather_features if trainer.ddp else None)
+        loss = model(images, tokens, gather=gather_features if trainer.distributed else None)
         return loss, {"scale": raw.scale().detach()}  # 1/τ, the learned inverse temperature
 
     def evaluate(step):

@@ -3,8 +3,9 @@
 What lives here, in the order a training script meets it:
   make_parser / config_from_args   the common flags of DESIGN.md, plus one flag per model-config field
   dry_run                          build the model on the meta device, print its size, allocate nothing
-  Trainer                          device and dtype, torchrun/DDP, seeding, optimizer, LR schedule, EMA,
-                                   gradient accumulation, atomic checkpoints and --resume, logging
+  Trainer                          device and dtype, torchrun/DDP or FSDP (sharding.py), seeding, optimizer,
+                                   LR schedule, EMA, gradient accumulation, atomic checkpoints and --resume,
+                                   logging
   load_checkpoint / save_grid      used by the training scripts and by sampling
   main                             run a script: a UserError becomes one line on stderr and exit status 2
 
@@ -15,6 +16,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import datetime
 import json
 import math
 import os
@@ -29,7 +31,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from tqdm import tqdm
 
-from nanodalle import UserError
+from nanodalle import UserError, sharding
 
 CHECKPOINT_FORMAT = 1
 
@@ -82,9 +84,22 @@ def make_parser(stage: str, description: str, config_cls, presets: dict, train_d
     g.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
     g.add_argument("--log-every", type=int, default=50, help="steps between log lines (default: 50)")
     g.add_argument("--eval-every", type=int, help="steps between evaluations + checkpoints (default: steps / 4)")
-    g.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes (default: 0)")
+    g.add_argument("--num-workers", type=int,
+                   help="DataLoader worker processes (default: 0 on CPU and MPS, up to 8 per GPU on CUDA)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
-    g.add_argument("--dry-run", action="store_true", help="build on the meta device, print config and size, exit")
+    g.add_argument("--dry-run", action="store_true",
+                   help="build on the meta device, print config, size and the memory plan (below), exit")
+    s = p.add_argument_group("scaling (launch with torchrun --nproc_per_node N for several GPUs)")
+    s.add_argument("--fsdp", action="store_true",
+                   help="shard weights, gradients and optimizer state over the processes (FSDP), not DDP")
+    s.add_argument("--cpu-offload", action="store_true", help="with --fsdp: keep the shards and the optimizer on the CPU")
+    s.add_argument("--grad-ckpt", action="store_true",
+                   help="activation checkpointing: keep each block's input, recompute its activations in backward")
+    s.add_argument("--world-size", type=int,
+                   help="--dry-run: plan memory for this many GPUs (default: $WORLD_SIZE, else 1)")
+    s.add_argument("--gpu-mem", type=float, default=80, help="--dry-run: GB of memory per GPU (default: 80)")
+    s.add_argument("--measure-memory", action="store_true",
+                   help="--dry-run: also train 3 steps on synthetic batches on --device and compare the peak")
     p.set_defaults(_stage=stage, _train_defaults=train_defaults)
     c = p.add_argument_group(f"model config: override a field of the preset ({config_cls.__name__})")
     for f in dataclasses.fields(config_cls):
@@ -129,8 +144,11 @@ def config_from_args(config_cls, presets: dict, args):
     return config_cls(**values)
 
 
-def dry_run(make_model: Callable[[object], nn.Module], cfg) -> None:
-    """Build the model on the meta device (no memory is allocated) and print its config and size."""
+def dry_run(make_model: Callable[[object], nn.Module], cfg, args, stage: str) -> None:
+    """Build the model on the meta device (no memory is allocated), print its config and size, and the memory
+    plan per GPU for --batch-size and --world-size under DDP and FSDP (memory.py). With --measure-memory,
+    also train 3 steps on random batches on --device and print the measured peak beside the estimate."""
+    from nanodalle import memory
     with torch.device("meta"):
         model = make_model(cfg)
     print(json.dumps(dataclasses.asdict(cfg), indent=2))
@@ -138,6 +156,21 @@ def dry_run(make_model: Callable[[object], nn.Module], cfg) -> None:
         print(f"  {name:<24s} {count_params(child) / 1e6:10.2f}M parameters")
     n = count_params(model)
     print(f"total: {n:,} parameters ({n / 1e6:.1f}M)")
+    world_size = args.world_size or int(os.environ.get("WORLD_SIZE", 1))
+    bf16 = args.dtype in ("auto", "bfloat16")  # the default on GPUs
+    plan = memory.plan(stage, make_model, cfg, args.batch_size, world_size, bf16, args.ema > 0, args.grad_ckpt)
+    memory.print_plan(plan, args.gpu_mem, args.grad_ckpt)
+    if args.measure_memory:
+        device = pick_device(args.device)
+        dtype = pick_dtype(args.dtype, device)
+        mixed = dtype == torch.bfloat16
+        estimate = memory.plan(stage, make_model, cfg, args.batch_size, 1, mixed, args.ema > 0, False)
+        expected = estimate["ddp_total"] - memory.CONTEXT_BYTES  # the measurement does not see the context
+        with autocast(device, dtype):
+            measured = memory.measure(stage, make_model, cfg, args.batch_size, device, args.ema > 0)["measured"]
+        print(f"\nmeasured on {device} ({str(dtype).replace('torch.', '')}, one process, 3 steps, batch "
+              f"{args.batch_size}): peak {measured / memory.GB:.3f} GB above the start; the plan's estimate "
+              f"{expected / memory.GB:.3f} GB; measured / estimate {measured / expected:.2f}")
 
 
 def count_params(model: nn.Module) -> int:
@@ -205,10 +238,18 @@ class EMA:
     The decay ramps up as min(decay, (1 + n) / (10 + n)) so early averages do not remember the random init.
     """
 
-    def __init__(self, model: nn.Module, decay: float):
+    def __init__(self, model: nn.Module, decay: float, blank: nn.Module | None = None):
+        """blank: a model of the same structure to hold the average (FSDP: sharded the same way, since FSDP
+        modules cannot be deep-copied); a deep copy of `model` by default."""
         self.decay = decay
         self.updates = 0
-        self.model = copy.deepcopy(model).float().eval().requires_grad_(False)
+        if blank is None:
+            self.model = copy.deepcopy(model).float().eval().requires_grad_(False)
+        else:
+            self.model = blank.eval().requires_grad_(False)
+            with torch.no_grad():
+                for p_ema, p in zip(self.model.parameters(), model.parameters()):
+                    p_ema.copy_(p)
 
     @torch.no_grad()
     def update(self, model: nn.Module):
@@ -243,6 +284,9 @@ def write_json_atomic(obj, path: str) -> None:
 
 def load_checkpoint(path: str, stage: str) -> dict:
     """Load a checkpoint on the CPU and check it is a nanodalle checkpoint of the expected stage."""
+    if not os.path.isfile(path) and sharding.latest_sharded(os.path.dirname(path) or "."):
+        raise UserError(f"no checkpoint at {path}, but a sharded one (an --fsdp run) next to it: make a plain "
+                        f"one with python -m nanodalle.sharding --consolidate {os.path.dirname(path) or '.'}")
     if not os.path.isfile(path):
         raise UserError(f"no checkpoint at {path}: train that stage first (python train_{stage_script(stage)}.py) "
                         f"or pass the right path")
@@ -352,18 +396,32 @@ class Trainer:
         self.args, self.stage, self.cfg = args, stage, cfg
         self.extra_state = extra_state or {}  # saved in every checkpoint: tokenizer, upstream models...
         # --- torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; without it we are a single process
-        self.ddp = int(os.environ.get("RANK", -1)) != -1
+        self.distributed = int(os.environ.get("RANK", -1)) != -1
+        self.fsdp = args.fsdp  # shard (FSDP) rather than replicate (DDP) across the processes
         self.rank = int(os.environ.get("RANK", 0))
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
         self.world_size = int(os.environ.get("WORLD_SIZE", 1))
         self.master = self.rank == 0  # only the master process logs and writes files
         self.device = pick_device(args.device)
-        if self.ddp and self.device.type == "cuda":
+        if self.fsdp and not self.distributed:
+            raise UserError("--fsdp shards over the processes that torchrun starts: launch with torchrun "
+                            "--nproc_per_node N (N = 1 is fine) " + os.path.basename(sys.argv[0]) + " --fsdp ...")
+        if args.cpu_offload and not self.fsdp:
+            raise UserError("--cpu-offload offloads FSDP shards: add --fsdp (and launch with torchrun)")
+        if self.distributed and self.device.type == "cuda":
             self.device = torch.device("cuda", self.local_rank)
             torch.cuda.set_device(self.device)
-        if self.ddp and not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if self.device.type == "cuda" else "gloo")
+        if self.distributed and not dist.is_initialized():
+            # a long evaluation on the master makes the other ranks wait at the next collective: allow it
+            dist.init_process_group(backend="nccl" if self.device.type == "cuda" else "gloo",
+                                    timeout=datetime.timedelta(minutes=60))
         self.dtype = pick_dtype(args.dtype, self.device)
+        if args.num_workers is None:  # decoding images must keep up with a GPU; on a CPU it would compete
+            per_process = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+            args.num_workers = min(8, max(per_process - 1, 0)) if self.device.type == "cuda" else 0
+        if self.fsdp and self.dtype == torch.float16:
+            raise UserError("--fsdp trains in bfloat16 or float32 (float16 would need a sharded grad scaler): "
+                            "pass --dtype bfloat16")
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=(self.dtype == torch.float16))
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls for float32 work
@@ -371,30 +429,52 @@ class Trainer:
         # --- the output directory: never overwrite a checkpoint unless asked to resume it
         self.out = args.out
         self.ckpt_path = os.path.join(self.out, "ckpt.pt")
-        resume_ckpt = None
+        resume_ckpt, resume_sharded = None, sharding.latest_sharded(self.out)  # plain dict / sharded directory
         if args.resume:
             resume_ckpt = load_checkpoint(self.ckpt_path, stage) if os.path.exists(self.ckpt_path) else None
+            if resume_sharded is not None:  # the newer of the two; a consolidated copy has the same step
+                meta = sharding.read_meta(resume_sharded)
+                if resume_ckpt is None or meta["step"] >= resume_ckpt["step"]:
+                    resume_ckpt = meta
+                else:
+                    resume_sharded = None
             if resume_ckpt is None:
                 raise UserError(f"--resume: no checkpoint at {self.ckpt_path}; drop --resume to start a new run")
+            if resume_ckpt["stage"] != stage:
+                raise UserError(f"{self.out} holds a '{resume_ckpt['stage']}' run, not '{stage}': pick its --out")
+            if self.fsdp and resume_sharded is None:
+                raise UserError(f"{self.ckpt_path} was written by an unsharded run: resume it without --fsdp")
             self.cfg = cfg = type(cfg)(**resume_ckpt["config"])  # the run's own config wins over flags
-        elif os.path.exists(self.ckpt_path):
-            raise UserError(f"{self.ckpt_path} already exists: pass --resume to continue it, or --out DIR "
+        elif os.path.exists(self.ckpt_path) or resume_sharded is not None:
+            existing = self.ckpt_path if os.path.exists(self.ckpt_path) else resume_sharded
+            raise UserError(f"{existing} already exists: pass --resume to continue it, or --out DIR "
                             f"for a new run (delete it yourself to start over)")
         # --- seed: every rank starts from the same weights; data order differs by rank via the loader
         random.seed(args.seed)
         np.random.seed(args.seed)
         torch.manual_seed(args.seed)
+        self.make_model = make_model
         self.raw_model = make_model(self.cfg).to(self.device)  # on --resume, the checkpoint's config
+        if args.grad_ckpt:
+            sharding.checkpoint_blocks(self.raw_model)
+        self.ema, self._gathered = None, None  # _gathered: the whole model, on the master, while evaluating
+        if self.fsdp:
+            sharding.shard(self.raw_model, self.dtype, args.cpu_offload)
+            if args.ema > 0:  # FSDP modules cannot be deep-copied: shard a second model the same way
+                blank = sharding.shard(make_model(self.cfg).to(self.device), self.dtype, args.cpu_offload)
+                self.ema = EMA(self.raw_model, args.ema, blank)
+        elif args.ema > 0:
+            self.ema = EMA(self.raw_model, args.ema)
+        fused_ok = self.device.type == "cuda" and not args.cpu_offload  # fused AdamW needs the state on CUDA
         self.optimizer = configure_optimizers(self.raw_model, args.lr, args.weight_decay, betas, eps,
-                                              self.device.type)
-        self.ema = EMA(self.raw_model, args.ema) if args.ema > 0 else None
+                                              "cuda" if fused_ok else "cpu")
         self.step = 0
         if resume_ckpt is not None:
-            self._restore(resume_ckpt)
+            self._restore(resume_ckpt, resume_sharded)
             if self.master:
                 self._truncate_log()
         self.model = self.raw_model
-        if self.ddp:
+        if self.distributed and not self.fsdp:
             ids = [self.local_rank] if self.device.type == "cuda" else None
             self.model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         if args.compile:
@@ -403,7 +483,8 @@ class Trainer:
             os.makedirs(self.out, exist_ok=True)
             n = count_params(self.raw_model)
             print(f"{stage}: {n:,} parameters ({n / 1e6:.2f}M) | device {self.device} | dtype "
-                  f"{str(self.dtype).replace('torch.', '')} | world size {self.world_size} | "
+                  f"{str(self.dtype).replace('torch.', '')} | world size {self.world_size}"
+                  f"{' (FSDP)' if self.fsdp else ' (DDP)' if self.distributed else ''} | "
                   f"{'resuming at step ' + str(self.step) if resume_ckpt else 'new run'} -> {self.out}")
 
     def master_builds(self, paths: dict, build: Callable[[str, str], dict]) -> dict:
@@ -413,7 +494,7 @@ class Trainer:
         if self.master:
             os.makedirs(self.out, exist_ok=True)
             caches = {split: build(split, path) for split, path in paths.items()}
-        if self.ddp:
+        if self.distributed:
             dist.barrier()
             if not self.master:
                 caches = {split: torch.load(path, weights_only=True) for split, path in paths.items()}
@@ -437,9 +518,11 @@ class Trainer:
                 group["lr"] = lr
             for micro in range(args.grad_accum):
                 batch = self.to_device(next(batches))
-                # in DDP, all-reduce the gradients only on the last micro-batch of the step
-                sync = not self.ddp or micro == args.grad_accum - 1
-                with (contextlib.nullcontext() if sync else self.model.no_sync()):
+                # reduce the gradients across processes only on the last micro-batch of the step
+                sync = not self.distributed or micro == args.grad_accum - 1
+                if self.fsdp:
+                    self.raw_model.set_requires_gradient_sync(sync)
+                with (contextlib.nullcontext() if sync or self.fsdp else self.model.no_sync()):
                     with autocast(self.device, self.dtype):
                         loss, logs = loss_fn(self.model, batch, self.step)
                     self.scaler.scale(loss / args.grad_accum).backward()
@@ -457,20 +540,21 @@ class Trainer:
             if self.step % args.log_every == 0 or last:
                 dt = (time.time() - t0) / max(self.step - t0_step, 1)
                 items = args.batch_size * args.grad_accum * self.world_size
-                record = {"step": self.step, "loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item(),
+                record = {"step": self.step, "loss": loss.item(), "lr": lr, "grad_norm": sharding.scalar(grad_norm),
                           "ms_per_step": 1000 * dt, "items_per_s": items / dt}
-                record.update({k: float(v) for k, v in logs.items()})
+                record.update({k: sharding.scalar(v) for k, v in logs.items()})
                 self.log(record, bar)
                 t0, t0_step = time.time(), self.step
             if self.step % args.eval_every == 0 or last:
-                if self.master and evaluate is not None:
+                if evaluate is not None and (self.master or self.fsdp):  # FSDP: every rank helps gather
                     metrics = {"step": self.step, **self.run_evaluation(evaluate)}
-                    write_json_atomic(metrics, os.path.join(self.out, "metrics.json"))
-                    bar.write(" | ".join(f"{k} {_fmt(v)}" for k, v in metrics.items()))
+                    if self.master:
+                        write_json_atomic(metrics, os.path.join(self.out, "metrics.json"))
+                        bar.write(" | ".join(f"{k} {_fmt(v)}" for k, v in metrics.items()))
                 self.save()
                 t0, t0_step = time.time(), self.step  # do not count evaluation time as step time
         bar.close()
-        if self.ddp:
+        if self.distributed:
             dist.destroy_process_group()
 
     def to_device(self, batch):
@@ -496,11 +580,24 @@ class Trainer:
     # --- checkpoints -------------------------------------------------------------------------------
 
     def eval_model(self) -> nn.Module:
-        """The weights to evaluate and sample with: the EMA when there is one."""
+        """The weights to evaluate and sample with: the EMA when there is one (under FSDP, while evaluating,
+        a whole copy of them gathered onto the master)."""
+        if self._gathered is not None:
+            return self._gathered
         return self.ema.model if self.ema is not None else self.raw_model
 
     def run_evaluation(self, evaluate: Callable[[int], dict]) -> dict:
-        """evaluate(step) with eval_model() in eval mode (no dropout) and no gradients; its mode is restored after."""
+        """evaluate(step) with eval_model() in eval mode (no dropout) and no gradients; its mode is restored after.
+
+        Under FSDP every rank calls this: the weights are gathered onto the master's CPU (a collective), the
+        master evaluates a plain copy on its device, and the other ranks return {} at once."""
+        if self.fsdp:
+            state = sharding.full_state_dict(self.ema.model if self.ema is not None else self.raw_model)
+            if not self.master:
+                return {}
+            self._gathered = self.make_model(self.cfg)
+            self._gathered.load_state_dict(state)
+            self._gathered.to(self.device)
         model = self.eval_model()
         was_training = model.training
         model.eval()
@@ -509,23 +606,29 @@ class Trainer:
                 return evaluate(self.step)
         finally:
             model.train(was_training)
+            self._gathered = None
 
     def save(self):
-        """Every rank calls this (DDP ranks wait for the master); only the master writes."""
+        """Every rank calls this. DDP: the master writes OUT/ckpt.pt while the others wait. FSDP: every rank
+        writes its shards to OUT/sharded/ (sharding.save_sharded); nothing is gathered."""
+        meta = {  # everything but the weights and optimizer state
+            "format": CHECKPOINT_FORMAT, "stage": self.stage, "config": dataclasses.asdict(self.cfg),
+            "ema_updates": self.ema.updates if self.ema is not None else 0, "scaler": self.scaler.state_dict(),
+            "step": self.step, "steps": self.args.steps,
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+            "args": {k: v for k, v in vars(self.args).items() if not k.startswith("_")},
+            **self.extra_state,
+        }
+        ema_model = self.ema.model if self.ema is not None else None
+        if self.fsdp:
+            sharding.save_sharded(self.out, self.step, self.raw_model, self.optimizer, ema_model,
+                                  {**meta, "has_ema": ema_model is not None}, self.master, save_atomic)
+            return
         if self.master:
-            save_atomic({
-                "format": CHECKPOINT_FORMAT, "stage": self.stage, "config": dataclasses.asdict(self.cfg),
-                "model": self.raw_model.state_dict(),
-                "ema": self.ema.model.state_dict() if self.ema is not None else None,
-                "ema_updates": self.ema.updates if self.ema is not None else 0,
-                "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-                "step": self.step, "steps": self.args.steps,
-                "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-                "args": {k: v for k, v in vars(self.args).items() if not k.startswith("_")},
-                **self.extra_state,
-            }, self.ckpt_path)
-        if self.ddp:
+            save_atomic({**meta, "model": self.raw_model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                         "ema": ema_model.state_dict() if ema_model is not None else None}, self.ckpt_path)
+        if self.distributed:
             dist.barrier()
 
     def _truncate_log(self):
@@ -546,12 +649,23 @@ class Trainer:
             f.writelines(kept)
         os.replace(tmp, path)
 
-    def _restore(self, ckpt: dict):
-        self.raw_model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+    def _restore(self, ckpt: dict, sharded_path: str | None):
+        """ckpt: a plain checkpoint, or the meta.pt of the sharded one at sharded_path (whose tensors DCP loads
+        into this run's model, sharded or not, at any world size)."""
+        ema_model = self.ema.model if self.ema is not None else None
+        if sharded_path is not None:
+            has_ema = ckpt.get("has_ema") and ema_model is not None
+            sharding.load_sharded(sharded_path, self.raw_model, self.optimizer, ema_model if has_ema else None)
+        else:
+            self.raw_model.load_state_dict(ckpt["model"])
+            if ckpt["optimizer"] is None:  # consolidated from a sharded run: its optimizer state stayed there
+                print(f"warning: {self.ckpt_path} has no optimizer state (consolidated): AdamW restarts from zero")
+            else:
+                self.optimizer.load_state_dict(ckpt["optimizer"])
+            if ema_model is not None and ckpt.get("ema") is not None:
+                ema_model.load_state_dict(ckpt["ema"])
         self.scaler.load_state_dict(ckpt["scaler"])
-        if self.ema is not None and ckpt.get("ema") is not None:
-            self.ema.model.load_state_dict(ckpt["ema"])
+        if self.ema is not None:
             self.ema.updates = ckpt["ema_updates"]
         self.step = ckpt["step"]
         torch.set_rng_state(ckpt["rng"]["torch"])

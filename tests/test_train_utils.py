@@ -508,7 +508,7 @@ def _ddp_worker(rank, tmp, ports):
                       WORLD_SIZE="2")
     # A: the real DVAE loss (with Gumbel noise), different data on each rank, 3 steps
     trainer, cfg = make_trainer(f"{tmp}/a", 3)
-    assert trainer.ddp and trainer.world_size == 2 and trainer.master == (rank == 0)
+    assert trainer.distributed and trainer.world_size == 2 and trainer.master == (rank == 0)
     torch.save(trainer.raw_model.state_dict(), f"{tmp}/init{rank}.pt")
     g = torch.Generator().manual_seed(100 + rank)
 
@@ -546,7 +546,7 @@ def test_ddp_two_processes_gloo(tmp_path, monkeypatch):
     for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
         monkeypatch.delenv(k, raising=False)
     trainer, cfg = make_trainer(tmp_path / "single", 1, ["--batch-size", "8"])
-    assert not trainer.ddp
+    assert not trainer.distributed
     x = torch.cat([fixed_batch(200), fixed_batch(201)])
     trainer.fit(iter([(x, None)]), dvae_loss_fn(cfg))
     ddp_norm = read_log(tmp_path / "b" / "log.jsonl")[0]["grad_norm"]
