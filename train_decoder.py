@@ -128,13 +128,13 @@ def main():
                         help=f"captions of the final 1000-step DDPM judge, 0 to skip (default: {JUDGE_CAPTIONS})")
     args = parser.parse_args()
     cfg = train_utils.config_from_args(UNetConfig, presets, args)
-    if args.dry_run:
-        return train_utils.dry_run(UNet, cfg)
     if stage == "upsampler" and (not cfg.low_res_size or cfg.image_size % cfg.low_res_size):
         raise UserError(f"--image-size {cfg.image_size} is not a multiple of --low-res-size {cfg.low_res_size}")
     if stage == "upsampler" and cfg.train_crop and cfg.train_crop % (cfg.image_size // cfg.low_res_size):
         raise UserError(f"--train-crop {cfg.train_crop} must be a multiple of the scale "
                         f"{cfg.image_size // cfg.low_res_size}")
+    if args.dry_run:
+        return train_utils.dry_run(UNet, cfg, args, stage)
 
     device = train_utils.pick_device(args.device)
     extra, clip, facts = {}, None, {}
@@ -156,7 +156,8 @@ def main():
                                   world_size=trainer.world_size, seed=args.seed)
     val_set = data.make_dataset(args.data, cfg.image_size, "val")
     loader = data.loader(train_set, args.batch_size, trainer.rank, trainer.world_size,
-                         seed=args.seed + trainer.step, num_workers=args.num_workers)
+                         seed=args.seed + trainer.step, num_workers=args.num_workers,
+                         pin_memory=trainer.device.type == "cuda")
     crop_gen = torch.Generator().manual_seed(args.seed + 1000 * trainer.rank + trainer.step)
 
     def batches():

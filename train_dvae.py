@@ -59,7 +59,7 @@ def main():
     args = parser.parse_args()
     cfg = train_utils.config_from_args(DVAEConfig, PRESETS, args)
     if args.dry_run:
-        return train_utils.dry_run(DVAE, cfg)
+        return train_utils.dry_run(DVAE, cfg, args, "dvae")
     if cfg.recon not in ("mse", "logit_laplace"):
         raise train_utils.UserError(f"--recon {cfg.recon!r}: choose mse or logit_laplace")
 

@@ -90,7 +90,7 @@ def main():
     args = parser.parse_args()
     cfg = train_utils.config_from_args(PriorConfig, PRESETS, args)
     if args.dry_run:
-        return train_utils.dry_run(DiffusionPrior, cfg)
+        return train_utils.dry_run(DiffusionPrior, cfg, args, "prior")
     if cfg.n_embd % cfg.n_head:
         raise UserError(f"--n-embd {cfg.n_embd} is not a multiple of --n-head {cfg.n_head}")
 

@@ -86,7 +86,7 @@ def main():
     args = parser.parse_args()
     cfg = train_utils.config_from_args(DALLEConfig, PRESETS, args)
     if args.dry_run:
-        return train_utils.dry_run(DALLE, cfg)
+        return train_utils.dry_run(DALLE, cfg, args, "dalle")
     if cfg.n_embd % cfg.n_head:
         raise UserError(f"--n-embd {cfg.n_embd} is not a multiple of --n-head {cfg.n_head}")
     if cfg.attention not in ("full", "sparse"):
