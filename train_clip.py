@@ -18,8 +18,9 @@ accumulation does NOT enlarge the contrastive batch: each micro-batch's negative
 import torch
 import torch.distributed as dist
 
-from nanodalle import data, shapes, train_utils
+from nanodalle import data, train_utils
 from nanodalle.clip import CLIP, CLIPConfig, PRESETS
+from nanodalle.evaluate import evaluate_clip
 
 # Training settings per preset. Paper (§2.5 and its hyperparameter tables): AdamW β (0.9, 0.98), ε 1e-6,
 # decoupled weight decay 0.2, 2000 warm-up steps then a cosine, batch 32,768, 32 epochs of 400M pairs.
@@ -31,13 +32,7 @@ TRAIN = {
     "unclip": dict(steps=400_000, batch_size=128, lr=4e-4, warmup=2000, min_lr_frac=0.0, weight_decay=0.2),
 }
 BETAS, EPS = (0.9, 0.98), 1e-6  # CLIP's hyperparameter tables for ViTs: β2 0.98, ε 1e-6
-EVAL_PAIRS, CHUNK = 1000, 100
-# Zero-shot prompts in the captions' own words: the toy text encoder has never read "a photo of a red shape"
-# (shapes.attribute_prompts' templates; we keep its class names). Each class is the ensemble of every
-# single-object caption naming it, over all values of the other attributes, scored by their mean probability
-# (CLIP §3.1.4, prompt ensembling; see CLIP.zero_shot_classify).
-POSITION_WORDS = {"left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom",
-                  "center": "in the center"}
+EVAL_PAIRS = 1000
 
 
 class _ScaleGrad(torch.autograd.Function):
@@ -70,39 +65,6 @@ def gather_features(image_features, text_features):
         parts[rank] = _ScaleGrad.apply(x, world)
         gathered.append(torch.cat(parts))  # (W·B, D)
     return gathered
-
-
-@torch.no_grad()
-def embed_pairs(model: CLIP, images, tokens, batch_size: int = 250):
-    """(N, D) image and text embeddings, computed batch_size at a time."""
-    device = model.logit_scale.device
-    img = torch.cat([model.encode_image(images[i:i + batch_size].to(device)) for i in range(0, len(images), batch_size)])
-    txt = torch.cat([model.encode_text(tokens[i:i + batch_size].to(device)) for i in range(0, len(tokens), batch_size)])
-    return img.float(), txt.float()
-
-
-def retrieval_top1(img, txt, chunk: int = CHUNK) -> tuple[float, float]:
-    """Top-1 retrieval among `chunk` candidates: the N pairs are cut into chunks of `chunk` (fewer than
-    `chunk` pairs: one chunk of all); caption i is right when image i scores highest among its chunk's
-    images (text -> image), image i when caption i does (image -> text). Averaged over the chunks."""
-    chunk = min(chunk, len(img))
-    n = len(img) // chunk * chunk
-    t2i = i2t = 0
-    for s in range(0, n, chunk):
-        sim = img[s:s + chunk] @ txt[s:s + chunk].t()  # (chunk, chunk): sim[i, j] = image i · caption j
-        own = torch.arange(chunk, device=sim.device)
-        t2i += (sim.argmax(dim=0) == own).sum().item()  # column j: which image fits caption j best?
-        i2t += (sim.argmax(dim=1) == own).sum().item()  # row i: which caption fits image i best?
-    return t2i / n, i2t / n
-
-
-def zero_shot_prompts(attr: str) -> list[list[str]]:
-    """For each class of shapes.attribute_prompts(attr): every single-object caption that names it."""
-    names, _ = shapes.attribute_prompts(attr)
-    scenes = [dict(size=size, color=color, shape=shape, position=pos) for size in shapes.SIZES
-              for color in shapes.COLORS for shape in shapes.SHAPES for pos in shapes.POSITIONS]
-    return [[f"a {s['size']} {s['color']} {s['shape']} {POSITION_WORDS[s['position']]}" for s in scenes
-             if s[attr] == name] for name in names]
 
 
 def main():
@@ -142,9 +104,6 @@ def main():
     val_set = data.make_dataset(args.data, cfg.image_size, "val")
     val_images, val_captions = data.first_pairs(val_set, EVAL_PAIRS)
     val_tokens = tokenizer.encode_batch(val_captions, text_len)
-    single = []  # (--data shapes) the single-object val scenes: zero-shot colour, shape and position
-    if args.data == "shapes":
-        single = [i for i in range(len(val_images)) if len(val_set.scene(i).objects) == 1]
     loader = data.loader(train_set, args.batch_size, trainer.rank, trainer.world_size,
                          seed=args.seed + trainer.step, num_workers=args.num_workers,
                          pin_memory=trainer.device.type == "cuda")
@@ -157,16 +116,7 @@ def main():
 
     def evaluate(step):
         model = trainer.eval_model()  # in eval mode, without gradients (Trainer.run_evaluation)
-        img, txt = embed_pairs(model, val_images, val_tokens)
-        t2i, i2t = retrieval_top1(img, txt)
-        metrics = {"t2i_top1_100": t2i, "i2t_top1_100": i2t}
-        if single:
-            images = val_images[single].to(trainer.device)
-            for attr in ("color", "shape", "position"):
-                names, _ = shapes.attribute_prompts(attr)
-                truth = torch.tensor([names.index(getattr(val_set.scene(i).objects[0], attr)) for i in single])
-                pred = model.zero_shot_classify(images, zero_shot_prompts(attr)).cpu()
-                metrics[f"zeroshot_{attr}"] = (pred == truth).float().mean().item()
+        metrics = evaluate_clip(model, val_set, val_images, val_tokens, zero_shot=args.data == "shapes")
         metrics["scale"] = model.scale().item()
         skipped = data.skipped_summary(train_set)
         return {**metrics, **({"skipped": skipped} if skipped else {})}

@@ -9,12 +9,12 @@ Writes OUT/ckpt.pt, OUT/log.jsonl, OUT/metrics.json (held-out psnr, mse, perplex
 --data shapes judge_recon: the fraction of reconstructions the shapes judge passes, DALL-E 1's ceiling)
 and OUT/recon.png (pairs of rows: held-out images above, their reconstructions from argmax codes below).
 """
-import math
 
 import torch
 
 from nanodalle import data, shapes, train_utils
 from nanodalle.dvae import DVAE, DVAEConfig, PRESETS, cosine
+from nanodalle.evaluate import evaluate_dvae
 
 # Training settings per preset. Paper (App. A.2): AdamW (0.9, 0.999, 1e-8), wd 1e-4, lr 1e-4 cosine to
 # 1.25e-6, batch 512, 3M updates. The toy preset trades those for speed on a 2-core CPU.
@@ -24,33 +24,6 @@ TRAIN = {
     "full": dict(steps=3_000_000, batch_size=8, lr=1e-4, min_lr_frac=0.0125, weight_decay=1e-4),  # 8/GPU × 64
 }
 EVAL_IMAGES = 512
-
-
-def codebook_usage(codes: torch.Tensor, vocab_size: int) -> tuple[float, float]:
-    """Perplexity exp(H(p)) of the code histogram p, and the fraction of the K codes used at all."""
-    counts = torch.bincount(codes.flatten(), minlength=vocab_size).double()
-    p = counts[counts > 0] / counts.sum()
-    return math.exp(-(p * p.log()).sum().item()), (counts > 0).float().mean().item()
-
-
-@torch.no_grad()
-def evaluate_dvae(model: DVAE, images: torch.Tensor, batch_size: int = 128) -> tuple[dict, torch.Tensor]:
-    """Held-out reconstruction from argmax codes (what the transformer will see): PSNR on [0, 1] pixels."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    codes, recons = [], []
-    for i in range(0, len(images), batch_size):
-        c = model.encode(images[i:i + batch_size].to(device))    # (b, h, w)
-        codes.append(c)
-        recons.append(model.decode(c).float().cpu())             # (b, C, H, W)
-    codes, recons = torch.cat(codes), torch.cat(recons)
-    mse = ((recons - images) / 2).pow(2).mean().item()          # /2: [-1, 1] -> [0, 1] scale
-    perplexity, used = codebook_usage(codes, model.cfg.vocab_size)
-    model.train(was_training)
-    metrics = {"psnr": 10 * math.log10(1 / max(mse, 1e-12)), "mse": mse, "perplexity": perplexity,
-               "perplexity_frac": perplexity / model.cfg.vocab_size, "codes_used_frac": used}
-    return metrics, recons
 
 
 def main():

@@ -82,7 +82,7 @@ def main():
     parser.add_argument("--max-images", type=int,
                         help="encode at most this many training images (default: all)")
     parser.add_argument("--judge-captions", type=int, default=JUDGE_CAPTIONS,
-                        help=f"(--data shapes) captions per split scored by the judge (default: {JUDGE_CAPTIONS})")
+                        help=f"(--data shapes) captions per split scored by the judge at the end, 0 to skip (default: {JUDGE_CAPTIONS})")
     args = parser.parse_args()
     cfg = train_utils.config_from_args(DALLEConfig, PRESETS, args)
     if args.dry_run:
@@ -138,7 +138,7 @@ def main():
                 sums += torch.stack([v.float().cpu() for v in model(text, codes)])
         metrics = dict(zip(("val_loss", "val_text_loss", "val_image_loss"), (sums / n_batches).tolist()))
         pipe = DALLE1(model, tokenizer, dvae, clip)
-        if args.data == "shapes" and step == args.steps:  # at the end: 2 × 200 captions × 8 samples
+        if args.data == "shapes" and step == args.steps and args.judge_captions > 0:  # at the end: 2 × 200 × 8
             for split, single, rerank in (("val", "judge_single", "judge_top1_rerank8"),
                                           ("heldout", "judge_heldout_single", "judge_heldout_rerank8")):
                 res = judge_dalle1(pipe, split, args.judge_captions, JUDGE_SAMPLES)

@@ -22,9 +22,9 @@ from nanodalle import UserError, train_utils
 STAGES = [
     ("dvae", ["train_dvae.py"]),
     ("clip", ["train_clip.py"]),
-    ("dalle", ["train_transformer.py"]),
+    ("dalle", ["train_transformer.py", "--judge-captions", "0"]),  # the evaluation step judges the pipelines
     ("prior", ["train_prior.py"]),
-    ("decoder", ["train_decoder.py", "--ddpm-captions", "0"]),  # the 1000-step DDPM judge is for Results
+    ("decoder", ["train_decoder.py", "--prior", "none", "--ddpm-captions", "0"]),  # (and the DDPM judge: Results)
     ("upsampler", ["train_decoder.py", "--stage", "upsampler"]),
 ]
 PROMPTS = ["a small red circle at the top", "a large blue square on the left", "a small green triangle in the center",

@@ -142,15 +142,17 @@ def judge_dalle1(pipe: DALLE1, split: str, n_captions: int = 200, num: int = 8, 
     """Score generated images with the shapes judge on the first n captions of a shapes split.
 
     single: the fraction of all candidates that show their caption (the accuracy of one sample);
-    rerank: the fraction of captions whose CLIP-best candidate does (only with a CLIP)."""
+    rerank: the fraction of captions whose CLIP-best candidate does (only with a CLIP);
+    clip_score_single / clip_score_rerank: 100 × the mean CLIP cosine of all candidates / of the best."""
     records = shapes.eval_records(split, n_captions)
     captions, scenes = [c for c, _ in records], [s for _, s in records]
-    images, _ = pipe.generate(captions, num=num, seed=seed, **sampling)  # (P, num, 3, H, W), best first
+    images, scores = pipe.generate(captions, num=num, seed=seed, **sampling)  # (P, num, 3, H, W), best first
     full = torch.tensor([[shapes.judge(images[p, k], scenes[p])["full"] for k in range(num)]
                          for p in range(len(records))], dtype=torch.float)  # (P, num)
     out = {"single": full.mean().item()}
     if pipe.clip is not None:
         out["rerank"] = full[:, 0].mean().item()
+        out["clip_score_single"], out["clip_score_rerank"] = 100 * scores.mean().item(), 100 * scores[:, 0].mean().item()
     return out
 
 
@@ -336,10 +338,11 @@ class DALLE2:
 def judge_dalle2(pipe: DALLE2, split: str, n_captions: int = 200, seed: int = 0, batch_size: int = 100,
                  **sampling) -> dict:
     """The shapes judge's full-match accuracy of one DALL-E 2 sample per caption (the first n captions of a
-    shapes split), and the cosine between the prior's z_i and the true image's CLIP embedding."""
+    shapes split), the cosine between the prior's z_i and the true image's CLIP embedding, and the CLIP score
+    of the samples (100 × the mean cosine between CLIP's embeddings of each image and its caption)."""
     from nanodalle.shapes import ShapesDataset, judge
     dataset = ShapesDataset(split, pipe.decoder.cfg.image_size)
-    full, cosines = [], []
+    full, cosines, scores = [], [], []
     for s in range(0, n_captions, batch_size):
         ids = range(s, min(s + batch_size, n_captions))
         images, captions = zip(*(dataset[i] for i in ids))
@@ -349,4 +352,7 @@ def judge_dalle2(pipe: DALLE2, split: str, n_captions: int = 200, seed: int = 0,
         cosines.append(F.cosine_similarity(clip_emb, truth).cpu())
         out = pipe.decode(clip_emb, pipe.decoder_tokens(list(captions)), generator=generator, **sampling)
         full += [judge(out[k], dataset.scene(i))["full"] for k, i in enumerate(ids)]
-    return {"judge": sum(full) / len(full), "prior_cosine_to_true": torch.cat(cosines).mean().item()}
+        text = pipe.clip.encode_text(pipe.clip.tokenize(list(captions)))  # (b, D), unit
+        scores.append((clip_image_embedding(pipe.clip, out) * text).sum(-1).cpu())  # (b,) cosines
+    return {"judge": sum(full) / len(full), "prior_cosine_to_true": torch.cat(cosines).mean().item(),
+            "clip_score": 100 * torch.cat(scores).mean().item()}

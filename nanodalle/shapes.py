@@ -420,3 +420,13 @@ def attribute_prompts(attr: str) -> tuple[list[str], list[str]]:
     else:
         raise ValueError(f"unknown attribute {attr!r}; use color, shape, size, position or background")
     return names, prompts
+
+
+def zero_shot_prompts(attr: str) -> list[list[str]]:
+    """For each class of attribute_prompts(attr): every single-object caption naming it, in the captions' own
+    words (a toy text encoder has never read "a photo of a red shape"). Scored as an ensemble (CLIP §3.1.4)."""
+    names, _ = attribute_prompts(attr)
+    scenes = [dict(size=size, color=color, shape=shape, position=pos) for size in SIZES
+              for color in COLORS for shape in SHAPES for pos in POSITIONS]
+    return [[f"a {s['size']} {s['color']} {s['shape']} {_POSITION_WORDS[s['position']][0]}" for s in scenes
+             if s[attr] == name] for name in names]

@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from conftest import ENV, ROOT
-from nanodalle import data, train_utils
+from nanodalle import data, evaluate, train_utils
 from nanodalle.clip import CLIP, CLIPConfig, contrastive_loss, eot_positions, load_clip
 from nanodalle.tokenizer import Tokenizer
 
@@ -266,8 +266,8 @@ def test_train_clip_end_to_end(tmp_path):
     import train_clip
     from nanodalle.shapes import ShapesDataset
     images, captions = data.first_pairs(ShapesDataset("val", 16), 1000)
-    img, txt = train_clip.embed_pairs(model, images, model.tokenizer.encode_batch(captions, model.cfg.context_length))
-    t2i, i2t = train_clip.retrieval_top1(img, txt)
+    img, txt = evaluate.embed_pairs(model, images, model.tokenizer.encode_batch(captions, model.cfg.context_length))
+    t2i, i2t = evaluate.retrieval_top1(img, txt)
     assert math.isclose(t2i, metrics["t2i_top1_100"], abs_tol=1e-9) and math.isclose(i2t, metrics["i2t_top1_100"])
 
 
@@ -301,7 +301,7 @@ def test_retrieval_top1_by_hand():
     # 4 pairs in chunks of 2: chunk 0 is right both ways, in chunk 1 caption 3 prefers image 2
     img = torch.tensor([[1.0, 0], [0, 1], [1, 0], [0.6, 0.8]])
     txt = torch.tensor([[1.0, 0], [0, 1], [1, 0], [1, 0]])
-    t2i, i2t = train_clip.retrieval_top1(img, txt, chunk=2)
+    t2i, i2t = evaluate.retrieval_top1(img, txt, chunk=2)
     assert t2i == 3 / 4  # caption 3: image 2 (1.0) beats image 3 (0.6)
     assert i2t == 3 / 4  # image 3: caption 2 and 3 tie at 0.6; argmax takes the first, caption 2
 

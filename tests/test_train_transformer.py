@@ -161,19 +161,51 @@ def test_evaluate_dalle1_scores_the_sampled_candidates(trained, upstream, monkey
     pipe = DALLE1.from_checkpoints(paths["dalle"], paths["dvae"], paths["clip"])
     for sampling in (dict(temperature=1.0, top_k=None, top_p=None, cond_scale=1.0),
                      dict(temperature=0.5, top_k=3, top_p=None, cond_scale=2.0)):
-        means = {}  # split -> (4, 8) mean brightness of each candidate, CLIP-best first
+        means, scores = {}, {}  # split -> (4, 8) mean brightness / CLIP score of each candidate, CLIP-best first
         for split in ("val", "heldout"):
             captions = [c for c, _ in shapes.eval_records(split, 4)]
-            images, _ = pipe.generate(captions, num=8, seed=0, **sampling)  # (4, 8, 3, H, W)
+            images, scores[split] = pipe.generate(captions, num=8, seed=0, **sampling)  # (4, 8, 3, H, W), (4, 8)
             means[split] = images.mean(dim=(2, 3, 4))
         threshold["value"] = torch.cat(list(means.values())).median()
         want = {}
         for split, m in means.items():
             full = (m > threshold["value"]).float()  # (4, 8)
             want[f"dalle1_{split}_single"], want[f"dalle1_{split}_rerank8"] = full.mean().item(), full[:, 0].mean().item()
+            want[f"dalle1_{split}_clip_score_single"] = 100 * scores[split].mean().item()
+            want[f"dalle1_{split}_clip_score_rerank8"] = 100 * scores[split][:, 0].mean().item()
+            assert want[f"dalle1_{split}_clip_score_rerank8"] >= want[f"dalle1_{split}_clip_score_single"]
         assert 0 < want["dalle1_val_single"] + want["dalle1_heldout_single"] < 2
         got = evaluate.evaluate_dalle1(SimpleNamespace(**paths, captions=4, **sampling), "cpu")
         assert got == want, (sampling, got, want)
     r = run_script("-m", "nanodalle.evaluate", "--only", "dalle1", "--dalle", paths["dalle"], "--dvae", paths["dvae"],
                    "--clip", paths["clip"], "--captions", "4", "--top-k", "0")
     assert r.returncode == 2 and r.stderr.strip().splitlines() == ["error: --top-k 0: must be ≥ 1"], r.stderr
+
+
+def test_evaluate_dvae_and_clip_in_one_command(upstream, tmp_path):
+    """The stage metrics of `python -m nanodalle.evaluate`, per split, equal the training scripts' functions
+    on the same images; the markdown table and the JSON agree."""
+    import json
+    from nanodalle import data, evaluate
+    from nanodalle.clip import load_clip
+    dvae_path, clip_path = str(upstream / "dvae/ckpt.pt"), str(upstream / "clip/ckpt.pt")
+    r = run_script("-m", "nanodalle.evaluate", "--only", "dvae", "--only", "clip", "--dvae", dvae_path, "--clip",
+                   clip_path, "--json", str(tmp_path / "eval.json"))
+    assert r.returncode == 0, r.stderr
+    got = json.loads((tmp_path / "eval.json").read_text())
+    dvae, _ = load_dvae(dvae_path)
+    clip = load_clip(clip_path)
+    for split in ("val", "heldout"):
+        images = data.first_images(data.make_dataset("shapes", dvae.cfg.image_size, split), 512)
+        metrics, _ = evaluate.evaluate_dvae(dvae, images)
+        assert got[f"dvae_{split}_psnr"] == pytest.approx(metrics["psnr"], rel=1e-6)
+        assert 0 < got[f"dvae_{split}_codes_used_frac"] <= 1
+        dataset = data.make_dataset("shapes", clip.cfg.image_size, split)
+        images, captions = data.first_pairs(dataset, 1000)
+        img, txt = evaluate.embed_pairs(clip, images, clip.tokenizer.encode_batch(captions, clip.cfg.context_length))
+        t2i, i2t = evaluate.retrieval_top1(img, txt)
+        assert got[f"clip_{split}_t2i_top1_100"] == pytest.approx(t2i) and got[f"clip_{split}_i2t_top1_100"] == pytest.approx(i2t)
+        assert 0 <= got[f"clip_{split}_zeroshot_shape"] <= 1
+        assert f"| dvae_{split}_psnr | {got[f'dvae_{split}_psnr']:.4g} |" in r.stdout
+    r = run_script("-m", "nanodalle.evaluate", "--only", "dalle1", "--data", str(tmp_path))
+    assert r.returncode == 2 and "shapes only" in r.stderr
