@@ -87,7 +87,14 @@ def shard(model: nn.Module, dtype: torch.dtype, cpu_offload: bool = False) -> nn
     bf16 training: the gathered weights and the gradients are bf16 on the wire and in the matmuls, the
     gradients are reduced (summed over ranks) in float32, and the sharded master weights stay float32.
     cpu_offload: the shards, their gradients and the optimizer step live in CPU memory (slower, fits more)."""
-    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+    try:  # torch >= 2.6; 2.4 and 2.5 have the same API under _composable
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+    except ImportError:
+        try:
+            from torch.distributed._composable.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+        except ImportError:
+            raise UserError(f"--fsdp needs PyTorch's fully_shard (torch >= 2.4; this is {torch.__version__}): "
+                            f"upgrade torch, or train without --fsdp (DDP)") from None
     kwargs = {}
     if dtype == torch.bfloat16:
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
@@ -138,9 +145,10 @@ def read_meta(path: str) -> dict:
 
 
 def save_sharded(out: str, step: int, model: nn.Module, optimizer, ema_model: nn.Module | None, meta: dict,
-                 master: bool, save_atomic) -> None:
+                 master: bool) -> None:
     """Every rank writes its own shards of the weights, optimizer state and EMA (nothing is gathered);
     the master writes meta.pt, renames the finished directory into place and updates `latest`."""
+    from nanodalle.train_utils import save_atomic  # (train_utils imports this module)
     name = f"step_{step:08d}"
     final = os.path.join(sharded_dir(out), name)
     tmp = final + ".tmp"
@@ -156,8 +164,10 @@ def save_sharded(out: str, step: int, model: nn.Module, optimizer, ema_model: nn
     dcp.save(state, checkpoint_id=tmp)  # returns on every rank once all ranks have written
     if master:
         save_atomic(meta, os.path.join(tmp, "meta.pt"))
-        shutil.rmtree(final, ignore_errors=True)  # the same step saved again (after an evaluation)
-        os.replace(tmp, final)
+        if os.path.isdir(final):  # this step is on disk already (the same state): keep that one
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, final)
         pointer = os.path.join(sharded_dir(out), "latest")
         with open(pointer + ".tmp", "w") as f:
             f.write(name + "\n")

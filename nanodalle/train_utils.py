@@ -302,14 +302,20 @@ def load_checkpoint(path: str, stage: str) -> dict:
 
 
 def resume_state(args, stage: str) -> dict | None:
-    """On --resume, the checkpoint OUT/ckpt.pt memory-mapped (its weights are not read): for what a script
-    needs before it builds its Trainer, like the tokenizer. None otherwise; the Trainer reports a bad one."""
+    """On --resume, the checkpoint OUT/ckpt.pt memory-mapped (its weights are not read), or a sharded one's
+    meta.pt: for what a script needs before it builds its Trainer, like the tokenizer. None otherwise; the
+    Trainer reports a bad one."""
     if not args.resume:
         return None
     try:
         ckpt = torch.load(os.path.join(args.out, "ckpt.pt"), map_location="cpu", weights_only=True, mmap=True)
     except Exception:
-        return None
+        ckpt = None
+    sharded = sharding.latest_sharded(args.out)  # an --fsdp run: its meta.pt, when it is the newer (as Trainer)
+    if sharded is not None:
+        meta = sharding.read_meta(sharded)
+        if not isinstance(ckpt, dict) or meta["step"] >= ckpt.get("step", -1):
+            ckpt = meta
     return ckpt if isinstance(ckpt, dict) and ckpt.get("stage") == stage else None
 
 
@@ -623,7 +629,7 @@ class Trainer:
         ema_model = self.ema.model if self.ema is not None else None
         if self.fsdp:
             sharding.save_sharded(self.out, self.step, self.raw_model, self.optimizer, ema_model,
-                                  {**meta, "has_ema": ema_model is not None}, self.master, save_atomic)
+                                  {**meta, "has_ema": ema_model is not None}, self.master)
             return
         if self.master:
             save_atomic({**meta, "model": self.raw_model.state_dict(), "optimizer": self.optimizer.state_dict(),

@@ -99,6 +99,11 @@ def test_sharded_checkpoint_layout(runs):
     assert sorted(os.listdir(out / "sharded")) == ["latest", "step_00000003"]  # step 2 removed, no .tmp left
     meta = sharding.read_meta(str(out / "sharded" / "step_00000003"))
     assert meta["stage"] == "dalle" and meta["step"] == 3 and meta["has_ema"]
+    # what a script reads before its Trainer (the tokenizer): the sharded run's meta.pt
+    from types import SimpleNamespace
+    state = train_utils.resume_state(SimpleNamespace(resume=True, out=str(out)), "dalle")
+    assert state["step"] == 3 and "model" not in state
+    assert train_utils.resume_state(SimpleNamespace(resume=True, out=str(out)), "clip") is None
 
 
 def test_save_load_consolidate_sample_same_tokens(runs, tmp_path):
