@@ -93,7 +93,7 @@ def main():
     times["sample dalle2"] = run(["sample.py", "--pipeline", "dalle2", *args, "--num", "8", "--out", "out/demo/dalle2"])
     os.replace("out/demo/dalle2/grid.png", "out/demo/dalle2.png")
     print("DALL-E 2 samples (one row per prompt, prior -> decoder -> upsampler): out/demo/dalle2.png")
-    print(f"== {overall(len(STAGES) + 2, total, t0)} | evaluating both pipelines", flush=True)
+    print(f"== {overall(len(STAGES) + 2, total, t0)} | evaluating every stage", flush=True)
     times["evaluate"] = run(["-m", "nanodalle.evaluate", "--captions", "100", "--json", "out/demo/eval.json"])
     metrics = {}
     for name, _ in STAGES:
