@@ -16,6 +16,7 @@ model's 16 bytes a parameter become 3 GB. Activations do not shard: they shrink 
 with --grad-ckpt (only each block's input is kept; the largest block's activations are rebuilt at a time).
 --measure-memory runs three real steps and prints the measured peak next to the estimate.
 """
+import copy
 import resource
 
 import torch
@@ -156,7 +157,6 @@ def measure(stage: str, make_model, cfg, batch_size: int, device: torch.device, 
     """Peak memory of `steps` real training steps (forward, backward, AdamW) on random batches, above the
     memory in use before the model was built. CUDA: the allocator's peak. CPU: the process's peak RSS, so
     it also counts the allocator's slack and freed memory the OS has not taken back."""
-    import copy
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)

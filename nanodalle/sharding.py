@@ -144,6 +144,17 @@ def read_meta(path: str) -> dict:
     return torch.load(os.path.join(path, "meta.pt"), map_location="cpu", weights_only=True)
 
 
+def newest(ckpt: dict | None, out: str) -> tuple[dict | None, str | None]:
+    """What --resume continues in OUT: (the sharded checkpoint's meta.pt, its directory) when there is one at
+    least as new as the plain checkpoint `ckpt` (a consolidated copy has the same step), else (ckpt, None)."""
+    path = latest_sharded(out)
+    if path is not None:
+        meta = read_meta(path)
+        if not isinstance(ckpt, dict) or meta["step"] >= ckpt.get("step", -1):
+            return meta, path
+    return ckpt, None
+
+
 def save_sharded(out: str, step: int, model: nn.Module, optimizer, ema_model: nn.Module | None, meta: dict,
                  master: bool) -> None:
     """Every rank writes its own shards of the weights, optimizer state and EMA (nothing is gathered);

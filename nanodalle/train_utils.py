@@ -311,11 +311,7 @@ def resume_state(args, stage: str) -> dict | None:
         ckpt = torch.load(os.path.join(args.out, "ckpt.pt"), map_location="cpu", weights_only=True, mmap=True)
     except Exception:
         ckpt = None
-    sharded = sharding.latest_sharded(args.out)  # an --fsdp run: its meta.pt, when it is the newer (as Trainer)
-    if sharded is not None:
-        meta = sharding.read_meta(sharded)
-        if not isinstance(ckpt, dict) or meta["step"] >= ckpt.get("step", -1):
-            ckpt = meta
+    ckpt, _ = sharding.newest(ckpt, args.out)
     return ckpt if isinstance(ckpt, dict) and ckpt.get("stage") == stage else None
 
 
@@ -438,12 +434,7 @@ class Trainer:
         resume_ckpt, resume_sharded = None, sharding.latest_sharded(self.out)  # plain dict / sharded directory
         if args.resume:
             resume_ckpt = load_checkpoint(self.ckpt_path, stage) if os.path.exists(self.ckpt_path) else None
-            if resume_sharded is not None:  # the newer of the two; a consolidated copy has the same step
-                meta = sharding.read_meta(resume_sharded)
-                if resume_ckpt is None or meta["step"] >= resume_ckpt["step"]:
-                    resume_ckpt = meta
-                else:
-                    resume_sharded = None
+            resume_ckpt, resume_sharded = sharding.newest(resume_ckpt, self.out)  # the newer of the two
             if resume_ckpt is None:
                 raise UserError(f"--resume: no checkpoint at {self.ckpt_path}; drop --resume to start a new run")
             if resume_ckpt["stage"] != stage:
