@@ -172,7 +172,7 @@ def bench_dalle(device, dtype, args):
     for B in (1, 8):
         text = torch.randint(0, cfg.text_vocab - 2, (B, cfg.text_len), device=device)
         with torch.no_grad(), train_utils.autocast(device, dtype):
-            cached = timed(lambda: model.generate(text), device, max(2, args.steps // 3), 1)
+            cached = timed(lambda: model.generate(text), device, max(3, args.steps // 2), 1)
             rows.append({"stage": "dalle", "what": f"sample bench-long, KV cache, batch {B}",
                          "ms": 1000 * cached / cfg.image_len, "unit": "ms/token", "items_s": B / cached,
                          "tokens_s": B * cfg.image_len / cached})

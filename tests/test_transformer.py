@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from nanodalle.transformer import MLP, Attention, Block, KVCache, Transformer, build_mask, init_weights
+from nanodalle.transformer import MLP, Attention, Block, KVCache, Linear, Transformer, build_mask, init_weights
 
 B, T, C, NH = 3, 12, 32, 4
 CTX_DIM, S_CTX = 24, 7
@@ -291,3 +291,23 @@ def test_autocast_bf16(use_sdpa):
     full = model(x, causal=True)
     assert torch.isfinite(y).all()
     assert max_diff(torch.cat(steps, dim=1).float(), full) < 0.1
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 48), (2, 1, 48), (8, 1, 48), (1, 48), (3, 6, 48), (40, 48)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_few_rows_path(shape, bias):
+    """Linear's CPU path for ≤ 16 rows without grad (W @ xᵀ) equals nn.Linear's x @ Wᵀ + b, same shape,
+    a contiguous result; with grad on, it is nn.Linear exactly and gradients flow."""
+    torch.manual_seed(0)
+    lin = Linear(48, 24, bias=bias)
+    ref = torch.nn.Linear(48, 24, bias=bias)
+    ref.load_state_dict(lin.state_dict())
+    x = torch.randn(shape)
+    with torch.no_grad():
+        fast, want = lin(x), ref(x)
+    assert fast.shape == want.shape and fast.is_contiguous()
+    torch.testing.assert_close(fast, want, rtol=1e-5, atol=1e-6)
+    y = lin(x.requires_grad_())
+    assert torch.equal(y, ref(x))
+    y.sum().backward()
+    assert x.grad is not None and lin.weight.grad is not None
