@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from nanodalle.transformer import Transformer, init_weights
+from nanodalle.transformer import Transformer, init_weights, linear
 
 TEXT_LOSS_WEIGHT, IMAGE_LOSS_WEIGHT = 1 / 8, 7 / 8  # DALL-E §2.2
 
@@ -181,7 +181,7 @@ class DALLE(nn.Module):
         codes ((B, ·, K)): each head is its embedding table transposed (tied, as in GPT-2)."""
         n_text = max(0, min(self.cfg.text_len - first, h.size(1)))
         text_logits = h[:, :n_text] @ self.text_embedding.weight.t()    # (B, n_text, text_vocab + L)
-        image_logits = h[:, n_text:] @ self.image_embedding.weight.t()  # (B, n - n_text, K)
+        image_logits = linear(h[:, n_text:], self.image_embedding.weight)  # (B, n - n_text, K)
         return text_logits, image_logits
 
     def forward(self, text: torch.Tensor, codes: torch.Tensor):

@@ -54,27 +54,33 @@ class KVCache:
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]  # (B, nh, end, hs)
 
 
-class Linear(nn.Linear):
-    """nn.Linear (same parameters, same state dict) with a faster path for a few rows on the CPU.
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weightᵀ + bias, like F.linear, with a faster path for a few rows on the CPU.
 
     KV-cached decoding feeds one new token per image: x @ Wᵀ has only B rows and its cost is reading W once.
     On the CPU, PyTorch computes it as x @ Wᵀ, which MKL runs on one core for these shapes (a single row
     is a GEMV, ~13 GB/s here); the same product written as W @ xᵀ with at least two columns runs on every
     core and reads W about twice as fast (bench.py; README, efficiency notes). Same math, rounding ~1e-7.
     """
+    rows = x.numel() // x.size(-1)
+    if x.device.type != "cpu" or rows > 16 or torch.is_grad_enabled():
+        return F.linear(x, weight, bias)  # training, prompts, GPUs: the usual x @ Wᵀ + b
+    x2 = x.reshape(rows, -1)  # (rows, in)
+    if rows == 1:
+        x2 = torch.cat([x2, x2])  # a second (copied) column: W @ xᵀ then goes to the multi-core GEMM
+    if bias is None:
+        y = weight @ x2.t()  # (out, in) @ (in, rows) -> (out, rows)
+    else:
+        y = torch.addmm(bias[:, None], weight, x2.t())  # b + W @ xᵀ, (out, rows)
+    y = y.t()[:rows].contiguous()  # (rows, out), laid out as F.linear's output (SDPA's fast path needs it)
+    return y.reshape(*x.shape[:-1], -1)
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters, same state dict) computed by `linear` above: faster KV-cached decoding."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // x.size(-1)
-        if x.device.type != "cpu" or rows > 16 or torch.is_grad_enabled():
-            return super().forward(x)  # training, prompts, GPUs: the usual x @ Wᵀ + b
-        x2 = x.reshape(rows, -1)  # (rows, in)
-        if rows == 1:
-            x2 = torch.cat([x2, x2])  # a second (copied) column: W @ xᵀ then goes to the multi-core GEMM
-        y = self.weight @ x2.t()  # (out, in) @ (in, rows) -> (out, rows)
-        y = y.t()[:rows].contiguous()  # (rows, out), laid out as F.linear's output (SDPA's fast path needs it)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*x.shape[:-1], -1)
+        return linear(x, self.weight, self.bias)
 
 
 def build_mask(T: int, S: int, start: int = 0, mask=None, causal=False, key_padding_mask=None, device=None):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from nanodalle.transformer import MLP, Attention, Block, KVCache, Linear, Transformer, build_mask, init_weights
+from nanodalle.transformer import MLP, Attention, Block, KVCache, Linear, Transformer, build_mask, init_weights, linear
 
 B, T, C, NH = 3, 12, 32, 4
 CTX_DIM, S_CTX = 24, 7
@@ -311,3 +311,15 @@ def test_linear_few_rows_path(shape, bias):
     assert torch.equal(y, ref(x))
     y.sum().backward()
     assert x.grad is not None and lin.weight.grad is not None
+
+
+def test_linear_function_matches_f_linear():
+    """transformer.linear (used by DALL-E's image head too) equals F.linear on few and many rows, no grad."""
+    torch.manual_seed(0)
+    w, b = torch.randn(24, 48), torch.randn(24)
+    for shape in [(1, 1, 48), (5, 48), (2, 40, 48)]:
+        x = torch.randn(shape)
+        with torch.no_grad():
+            for bias in (None, b):
+                torch.testing.assert_close(linear(x, w, bias), torch.nn.functional.linear(x, w, bias),
+                                           rtol=1e-5, atol=1e-5)
