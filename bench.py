@@ -22,7 +22,7 @@ import time
 import torch
 import torch.nn as nn
 
-from nanodalle import train_utils
+from nanodalle import checkpoint, train_utils
 from nanodalle.clip import CLIP, CLIPConfig
 from nanodalle.dalle import DALLE, DALLEConfig
 from nanodalle.diffusion import GaussianDiffusion
@@ -258,7 +258,7 @@ def main():
     for row in rows:
         print(format_row(row))
     if args.json:
-        train_utils.write_json_atomic({"device": str(device), "dtype": str(dtype), "threads": torch.get_num_threads(),
+        checkpoint.write_json_atomic({"device": str(device), "dtype": str(dtype), "threads": torch.get_num_threads(),
                                        "matmul_peak_gflops": peak / 1e9, "rows": rows}, args.json)
 
 

@@ -18,7 +18,7 @@ accumulation does NOT enlarge the contrastive batch: each micro-batch's negative
 import torch
 import torch.distributed as dist
 
-from nanodalle import data, train_utils
+from nanodalle import checkpoint, data, flags, train_utils
 from nanodalle.clip import CLIP, CLIPConfig, PRESETS
 from nanodalle.evaluate import evaluate_clip
 
@@ -68,12 +68,12 @@ def gather_features(image_features, text_features):
 
 
 def main():
-    parser = train_utils.make_parser("clip", __doc__.split("\n")[0], CLIPConfig, PRESETS, TRAIN)
+    parser = flags.make_parser("clip", __doc__.split("\n")[0], CLIPConfig, PRESETS, TRAIN)
     parser.add_argument("--tokenizer", help="a .tiktoken file or tiktoken encoding name (default: the shipped "
                                             "vocabulary; on --resume the checkpoint's)")
     parser.add_argument("--text-len", type=int, help="tokens per caption, eot included (default: context_length)")
     args = parser.parse_args()
-    cfg = train_utils.config_from_args(CLIPConfig, PRESETS, args)
+    cfg = flags.config_from_args(CLIPConfig, PRESETS, args)
     if args.dry_run:
         return train_utils.dry_run(CLIP, cfg, args, "clip")
     for what, width, heads in (("vision", cfg.vision_width, cfg.vision_heads), ("text", cfg.text_width, cfg.text_heads)):
@@ -82,7 +82,7 @@ def main():
     if cfg.image_size % cfg.patch_size:
         raise train_utils.UserError(f"--image-size {cfg.image_size} is not a multiple of --patch-size {cfg.patch_size}")
 
-    tokenizer = train_utils.run_tokenizer(args, "clip")
+    tokenizer = checkpoint.run_tokenizer(args, "clip")
     if (cfg.vocab_size, cfg.eot_id) != (tokenizer.vocab_size, tokenizer.eot_id):
         print(f"vocab_size {cfg.vocab_size} -> {tokenizer.vocab_size}, eot_id {cfg.eot_id} -> {tokenizer.eot_id}: "
               f"the preset's values, set to those of the tokenizer {tokenizer.name!r}")

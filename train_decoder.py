@@ -24,6 +24,7 @@ OUT/log.jsonl, OUT/samples.png and OUT/metrics.json:
   val_mse                      the training loss on 256 val images, with fixed t and noise and no dropping
   decoder:  judge_true_emb     (--data shapes) the judge's full-match accuracy on images decoded (DDIM, the
                                config's steps and guidance) from the true CLIP embeddings of 200 val images
+                               (--judge-captions: how many; 0 skips every judge)
             judge_ddim50, prior_cosine_to_true   (--data shapes, with --prior, at the end) the whole pipeline on
                                200 val captions: prior -> z_i -> 50 DDIM steps, guided; the cosine of the
                                prior's z_i to the true image's (judge_ddim50_s: its time in seconds)
@@ -41,7 +42,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from nanodalle import UserError, data, train_utils
+from nanodalle import UserError, checkpoint, data, flags, train_utils
 from nanodalle.clip import load_clip
 from nanodalle.pipeline import (DALLE2, clip_image_embedding, decoder_model_fn, judge_dalle2, make_diffusion,
                                 state_hash, upsample_images)
@@ -117,17 +118,20 @@ def main():
     pre.add_argument("--stage", default="decoder", choices=list(STAGE_PRESETS))
     stage = pre.parse_known_args()[0].stage
     presets = {size: PRESETS[name] for size, name in STAGE_PRESETS[stage].items()}
-    parser = train_utils.make_parser(stage, __doc__.split("\n")[0], UNetConfig, presets, TRAIN[stage])
+    parser = flags.make_parser(stage, __doc__.split("\n")[0], UNetConfig, presets, TRAIN[stage])
     parser.add_argument("--stage", default="decoder", choices=list(STAGE_PRESETS),
                         help="decoder (z_i + caption -> image) or upsampler (image -> 2-4× larger) (default: decoder)")
     parser.add_argument("--clip", default="out/clip/ckpt.pt", help="the frozen CLIP (decoder; default: %(default)s)")
     parser.add_argument("--prior", default="out/prior/ckpt.pt",
                         help="(decoder, --data shapes) judge the whole pipeline with it at the end, if it exists "
                              "(default: %(default)s; 'none' to skip)")
+    parser.add_argument("--judge-captions", type=int, default=JUDGE_CAPTIONS,
+                        help=f"(decoder, --data shapes) val captions of the final judges, 0 to skip them "
+                             f"(default: {JUDGE_CAPTIONS})")
     parser.add_argument("--ddpm-captions", type=int, default=JUDGE_CAPTIONS,
                         help=f"captions of the final 1000-step DDPM judge, 0 to skip (default: {JUDGE_CAPTIONS})")
     args = parser.parse_args()
-    cfg = train_utils.config_from_args(UNetConfig, presets, args)
+    cfg = flags.config_from_args(UNetConfig, presets, args)
     if stage == "upsampler" and (not cfg.low_res_size or cfg.image_size % cfg.low_res_size):
         raise UserError(f"--image-size {cfg.image_size} is not a multiple of --low-res-size {cfg.low_res_size}")
     if stage == "upsampler" and cfg.train_crop and cfg.train_crop % (cfg.image_size // cfg.low_res_size):
@@ -142,14 +146,14 @@ def main():
         clip = load_clip(args.clip, device).requires_grad_(False)
         tokenizer = clip.tokenizer  # the decoder's caption path uses CLIP's vocabulary
         facts = {"clip_dim": clip.cfg.embed_dim, "text_vocab": tokenizer.vocab_size, "pad_id": tokenizer.pad_id}
-        train_utils.take_facts(cfg, facts, "CLIP and its tokenizer", args)
+        checkpoint.take_facts(cfg, facts, "CLIP and its tokenizer", args)
         extra = {"tokenizer": tokenizer.state(), "upstream": {
             "clip": os.path.abspath(args.clip), "clip_hash": state_hash(clip.state_dict()),
             "clip_config": vars(clip.cfg)}}
     trainer = train_utils.Trainer(args, stage, cfg, UNet, extra_state=extra)
     cfg = trainer.cfg
     if facts:
-        train_utils.check_facts(cfg, facts, f"--clip {args.clip}")
+        checkpoint.check_facts(cfg, facts, f"--clip {args.clip}")
     diffusion = make_diffusion(cfg).to(trainer.device)
 
     train_set = data.make_dataset(args.data, cfg.image_size, "train", rank=trainer.rank,
@@ -231,16 +235,16 @@ def main():
             decoded = diffusion.ddim_sample(model_fn, shape, cfg.sample_steps, generator=gen, clip_x0=1.0).float()
         train_utils.save_grid(torch.cat([val_images[:k], decoded.cpu()]), os.path.join(trainer.out, "samples.png"),
                               nrow=k)
-        if args.data != "shapes" or not last:
+        if args.data != "shapes" or not last or args.judge_captions <= 0:
             return out
         pipe = DALLE2(clip, model, tokenizer)
         out["judge_true_emb"] = judge_true_embeddings(pipe, gen)
         if args.prior != "none" and os.path.exists(args.prior):
             from nanodalle.prior import DiffusionPrior, PriorConfig
-            prior_ckpt = train_utils.load_checkpoint(args.prior, "prior")
-            pipe.prior = train_utils.model_from_checkpoint(prior_ckpt, PriorConfig, DiffusionPrior).to(trainer.device)
+            prior_ckpt = checkpoint.load_checkpoint(args.prior, "prior")
+            pipe.prior = checkpoint.model_from_checkpoint(prior_ckpt, PriorConfig, DiffusionPrior).to(trainer.device)
             t0 = time.time()
-            res = judge_dalle2(pipe, "val", JUDGE_CAPTIONS, steps=PIPELINE_STEPS)
+            res = judge_dalle2(pipe, "val", args.judge_captions, steps=PIPELINE_STEPS)
             out.update({"judge_ddim50": res["judge"], "judge_ddim50_s": time.time() - t0,
                         "prior_cosine_to_true": res["prior_cosine_to_true"]})
             if args.ddpm_captions > 0:
@@ -253,14 +257,15 @@ def main():
         from nanodalle.shapes import ShapesDataset, judge
         dataset = ShapesDataset("val", cfg.image_size)
         passed = 0
-        for s in range(0, JUDGE_CAPTIONS, 100):
-            ids = list(range(s, min(s + 100, JUDGE_CAPTIONS)))
+        n = args.judge_captions
+        for s in range(0, n, 100):
+            ids = list(range(s, min(s + 100, n)))
             images, captions = zip(*(dataset[i] for i in ids))
             emb = clip_image_embedding(clip, torch.stack(images).to(trainer.device))
             with train_utils.autocast(trainer.device, trainer.dtype):
                 out = pipe.decode(emb, pipe.decoder_tokens(list(captions)), generator=gen).float()
             passed += sum(judge(out[j], dataset.scene(i))["full"] for j, i in enumerate(ids))
-        return passed / JUDGE_CAPTIONS
+        return passed / n
 
     trainer.fit(batches(), loss_fn, evaluate)
 

@@ -12,7 +12,7 @@ and OUT/recon.png (pairs of rows: held-out images above, their reconstructions f
 
 import torch
 
-from nanodalle import data, shapes, train_utils
+from nanodalle import data, flags, shapes, train_utils
 from nanodalle.dvae import DVAE, DVAEConfig, PRESETS, cosine
 from nanodalle.evaluate import evaluate_dvae
 
@@ -27,10 +27,10 @@ EVAL_IMAGES = 512
 
 
 def main():
-    parser = train_utils.make_parser("dvae", __doc__.split("\n")[0], DVAEConfig, PRESETS, TRAIN)
+    parser = flags.make_parser("dvae", __doc__.split("\n")[0], DVAEConfig, PRESETS, TRAIN)
     parser.add_argument("--random-crop", action="store_true", help="random instead of centre crops (user data)")
     args = parser.parse_args()
-    cfg = train_utils.config_from_args(DVAEConfig, PRESETS, args)
+    cfg = flags.config_from_args(DVAEConfig, PRESETS, args)
     if args.dry_run:
         return train_utils.dry_run(DVAE, cfg, args, "dvae")
     if cfg.recon not in ("mse", "logit_laplace"):

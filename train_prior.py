@@ -25,7 +25,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from nanodalle import UserError, data, train_utils
+from nanodalle import UserError, checkpoint, data, flags, train_utils
 from nanodalle.clip import load_clip
 from nanodalle.pipeline import state_hash
 from nanodalle.prior import PRESETS, DiffusionPrior, PriorConfig
@@ -83,12 +83,12 @@ def batches(cache: dict, batch_size: int, seed: int):
 # ----------------------------------------------------------------------------------------------------
 
 def main():
-    parser = train_utils.make_parser("prior", __doc__.split("\n")[0], PriorConfig, PRESETS, TRAIN)
+    parser = flags.make_parser("prior", __doc__.split("\n")[0], PriorConfig, PRESETS, TRAIN)
     parser.add_argument("--clip", default="out/clip/ckpt.pt", help="the frozen CLIP (default: out/clip/ckpt.pt)")
     parser.add_argument("--max-images", type=int,
                         help="embed at most this many training images (default: toy 50000, else all)")
     args = parser.parse_args()
-    cfg = train_utils.config_from_args(PriorConfig, PRESETS, args)
+    cfg = flags.config_from_args(PriorConfig, PRESETS, args)
     if args.dry_run:
         return train_utils.dry_run(DiffusionPrior, cfg, args, "prior")
     if cfg.n_embd % cfg.n_head:
@@ -100,13 +100,13 @@ def main():
     # the embedding size and the text features' shape are facts of CLIP, not choices
     facts = {"embed_dim": clip.cfg.embed_dim, "text_len": clip.cfg.context_length,
              "text_width": clip.cfg.text_width}
-    train_utils.take_facts(cfg, facts, "CLIP", args)
+    checkpoint.take_facts(cfg, facts, "CLIP", args)
 
     trainer = train_utils.Trainer(args, "prior", cfg, DiffusionPrior, betas=BETAS, eps=EPS, extra_state={
         "tokenizer": clip.tokenizer.state(),
         "upstream": {"clip": os.path.abspath(args.clip), "clip_hash": clip_hash, "clip_config": vars(clip.cfg)}})
     cfg = trainer.cfg
-    train_utils.check_facts(cfg, facts, f"--clip {args.clip}")
+    checkpoint.check_facts(cfg, facts, f"--clip {args.clip}")
 
     # --- embed the data once (the master), then every rank reads the cache
     caches = trainer.master_builds(

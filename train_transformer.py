@@ -23,7 +23,7 @@ import os
 
 import torch
 
-from nanodalle import UserError, data, train_utils
+from nanodalle import UserError, checkpoint, data, flags, train_utils
 from nanodalle.clip import load_clip
 from nanodalle.dalle import DALLE, DALLEConfig, PRESETS, drop_captions
 from nanodalle.pipeline import DALLE1, judge_dalle1, load_dvae
@@ -73,7 +73,7 @@ def batches(cache: dict, tokenizer: Tokenizer, text_len: int, batch_size: int, s
 # ----------------------------------------------------------------------------------------------------
 
 def main():
-    parser = train_utils.make_parser("dalle", __doc__.split("\n")[0], DALLEConfig, PRESETS, TRAIN)
+    parser = flags.make_parser("dalle", __doc__.split("\n")[0], DALLEConfig, PRESETS, TRAIN)
     parser.add_argument("--dvae", default="out/dvae/ckpt.pt", help="the frozen dVAE (default: out/dvae/ckpt.pt)")
     parser.add_argument("--clip", default="out/clip/ckpt.pt",
                         help="CLIP for reranking in the evaluation (default: out/clip/ckpt.pt; 'none' to skip)")
@@ -84,7 +84,7 @@ def main():
     parser.add_argument("--judge-captions", type=int, default=JUDGE_CAPTIONS,
                         help=f"(--data shapes) captions per split scored by the judge at the end, 0 to skip (default: {JUDGE_CAPTIONS})")
     args = parser.parse_args()
-    cfg = train_utils.config_from_args(DALLEConfig, PRESETS, args)
+    cfg = flags.config_from_args(DALLEConfig, PRESETS, args)
     if args.dry_run:
         return train_utils.dry_run(DALLE, cfg, args, "dalle")
     if cfg.n_embd % cfg.n_head:
@@ -95,17 +95,17 @@ def main():
     device = train_utils.pick_device(args.device)
     dvae, dvae_hash = load_dvae(args.dvae, device)
     dvae.requires_grad_(False)
-    tokenizer = train_utils.run_tokenizer(args, "dalle")
+    tokenizer = checkpoint.run_tokenizer(args, "dalle")
     # the code grid, codebook and text vocabulary are facts of the dVAE and tokenizer, not choices
     facts = {"grid_size": dvae.cfg.grid_size, "image_vocab": dvae.cfg.vocab_size,
              "text_vocab": tokenizer.vocab_size, "pad_id": tokenizer.pad_id}
-    train_utils.take_facts(cfg, facts, "the dVAE and tokenizer", args)
+    checkpoint.take_facts(cfg, facts, "the dVAE and tokenizer", args)
 
     trainer = train_utils.Trainer(args, "dalle", cfg, DALLE, betas=BETAS, eps=EPS, extra_state={
         "tokenizer": tokenizer.state(),
         "upstream": {"dvae": os.path.abspath(args.dvae), "dvae_hash": dvae_hash, "dvae_config": vars(dvae.cfg)}})
     cfg = trainer.cfg
-    train_utils.check_facts(cfg, facts, f"--dvae {args.dvae} with its tokenizer")
+    checkpoint.check_facts(cfg, facts, f"--dvae {args.dvae} with its tokenizer")
 
     # --- encode the data once (the master), then every rank reads the cache
     caches = trainer.master_builds(

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanodalle import UserError, train_utils
+from nanodalle import UserError, checkpoint
 from nanodalle.tokenizer import Tokenizer, eot_positions
 from nanodalle.transformer import Transformer
 
@@ -236,8 +236,8 @@ class CLIP(nn.Module):
 
 def load_clip(path: str, device="cpu") -> CLIP:
     """A trained CLIP (EMA weights when saved) with its tokenizer, from a train_clip.py checkpoint."""
-    ckpt = train_utils.load_checkpoint(path, "clip")
-    model = train_utils.model_from_checkpoint(ckpt, CLIPConfig, CLIP)
+    ckpt = checkpoint.load_checkpoint(path, "clip")
+    model = checkpoint.model_from_checkpoint(ckpt, CLIPConfig, CLIP)
     tokenizer = Tokenizer.from_state(ckpt["tokenizer"])
     if (tokenizer.vocab_size, tokenizer.eot_id) != (model.cfg.vocab_size, model.cfg.eot_id):
         raise UserError(f"{path}: the saved tokenizer (vocab {tokenizer.vocab_size}, eot {tokenizer.eot_id}) does "

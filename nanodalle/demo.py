@@ -24,7 +24,7 @@ STAGES = [
     ("clip", ["train_clip.py"]),
     ("dalle", ["train_transformer.py", "--judge-captions", "0"]),  # the evaluation step judges the pipelines
     ("prior", ["train_prior.py"]),
-    ("decoder", ["train_decoder.py", "--prior", "none", "--ddpm-captions", "0"]),  # (and the DDPM judge: Results)
+    ("decoder", ["train_decoder.py", "--judge-captions", "0"]),  # the evaluation step judges the pipeline
     ("upsampler", ["train_decoder.py", "--stage", "upsampler"]),
 ]
 PROMPTS = ["a small red circle at the top", "a large blue square on the left", "a small green triangle in the center",

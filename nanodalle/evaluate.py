@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from nanodalle import UserError, data, shapes, train_utils
+from nanodalle import UserError, checkpoint, data, shapes, train_utils
 from nanodalle.pipeline import (DALLE1, DALLE2, add_dalle1_sampling_args, check_dalle1_sampling, judge_dalle1,
                                 judge_dalle2, load_dvae)
 
@@ -200,7 +200,7 @@ def main():
     for key, value in results.items():
         print(f"| {key} | {value:.4g} |" if isinstance(value, float) else f"| {key} | {value} |")
     if args.json:
-        train_utils.write_json_atomic(results, args.json)
+        checkpoint.write_json_atomic(results, args.json)
         print(f"wrote {args.json}")
 
 

@@ -13,7 +13,7 @@ import hashlib
 import torch
 import torch.nn.functional as F
 
-from nanodalle import UserError, shapes, train_utils
+from nanodalle import UserError, checkpoint, shapes
 from nanodalle.clip import load_clip
 from nanodalle.dalle import DALLE, DALLEConfig
 from nanodalle.diffusion import GaussianDiffusion, guided_batched
@@ -33,8 +33,8 @@ def state_hash(state: dict) -> str:
 
 def load_dvae(path: str, device="cpu") -> tuple[DVAE, str]:
     """A trained dVAE (EMA weights when saved) and its fingerprint."""
-    ckpt = train_utils.load_checkpoint(path, "dvae")
-    model = train_utils.model_from_checkpoint(ckpt, DVAEConfig, DVAE)
+    ckpt = checkpoint.load_checkpoint(path, "dvae")
+    model = checkpoint.model_from_checkpoint(ckpt, DVAEConfig, DVAE)
     return model.to(device), state_hash(model.state_dict())
 
 
@@ -58,8 +58,8 @@ class DALLE1:
 
     @classmethod
     def from_checkpoints(cls, dalle_path: str, dvae_path: str, clip_path: str | None = None, device="cpu"):
-        ckpt = train_utils.load_checkpoint(dalle_path, "dalle")
-        dalle = train_utils.model_from_checkpoint(ckpt, DALLEConfig, DALLE).to(device)
+        ckpt = checkpoint.load_checkpoint(dalle_path, "dalle")
+        dalle = checkpoint.model_from_checkpoint(ckpt, DALLEConfig, DALLE).to(device)
         dvae, dvae_hash = load_dvae(dvae_path, device)
         check_dvae(dalle.cfg, ckpt.get("upstream", {}), dvae, dvae_hash, dvae_path)
         clip = load_clip(clip_path, device) if clip_path else None
@@ -243,22 +243,22 @@ class DALLE2:
                          upsampler_path: str | None = None, device="cpu"):
         from nanodalle.prior import DiffusionPrior, PriorConfig
         clip = load_clip(clip_path, device)
-        ckpt = train_utils.load_checkpoint(decoder_path, "decoder")
-        decoder = train_utils.model_from_checkpoint(ckpt, UNetConfig, UNet).to(device)
+        ckpt = checkpoint.load_checkpoint(decoder_path, "decoder")
+        decoder = checkpoint.model_from_checkpoint(ckpt, UNetConfig, UNet).to(device)
         if decoder.cfg.clip_dim != clip.cfg.embed_dim:
             raise UserError(f"{decoder_path} reads {decoder.cfg.clip_dim}-d CLIP embeddings but {clip_path} makes "
                             f"{clip.cfg.embed_dim}-d ones: pass the CLIP the decoder was trained with (--clip)")
         prior = None
         if prior_path is not None:
-            prior_ckpt = train_utils.load_checkpoint(prior_path, "prior")
-            prior = train_utils.model_from_checkpoint(prior_ckpt, PriorConfig, DiffusionPrior).to(device)
+            prior_ckpt = checkpoint.load_checkpoint(prior_path, "prior")
+            prior = checkpoint.model_from_checkpoint(prior_ckpt, PriorConfig, DiffusionPrior).to(device)
             if prior.cfg.embed_dim != clip.cfg.embed_dim:
                 raise UserError(f"{prior_path} makes {prior.cfg.embed_dim}-d embeddings but {clip_path} has "
                                 f"{clip.cfg.embed_dim}-d ones: pass the CLIP the prior was trained with (--clip)")
         upsampler = None
         if upsampler_path is not None:
-            up_ckpt = train_utils.load_checkpoint(upsampler_path, "upsampler")
-            upsampler = train_utils.model_from_checkpoint(up_ckpt, UNetConfig, UNet).to(device)
+            up_ckpt = checkpoint.load_checkpoint(upsampler_path, "upsampler")
+            upsampler = checkpoint.model_from_checkpoint(up_ckpt, UNetConfig, UNet).to(device)
             if upsampler.cfg.low_res_size != decoder.cfg.image_size:
                 raise UserError(f"{upsampler_path} upsamples {upsampler.cfg.low_res_size} px images but the decoder "
                                 f"makes {decoder.cfg.image_size} px ones: pass a matching --upsampler (or none)")

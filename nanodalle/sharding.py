@@ -159,7 +159,7 @@ def save_sharded(out: str, step: int, model: nn.Module, optimizer, ema_model: nn
                  master: bool) -> None:
     """Every rank writes its own shards of the weights, optimizer state and EMA (nothing is gathered);
     the master writes meta.pt, renames the finished directory into place and updates `latest`."""
-    from nanodalle.train_utils import save_atomic  # (train_utils imports this module)
+    from nanodalle.checkpoint import save_atomic  # (checkpoint imports this module)
     name = f"step_{step:08d}"
     final = os.path.join(sharded_dir(out), name)
     tmp = final + ".tmp"
@@ -212,7 +212,7 @@ def consolidate(out: str, dest: str | None = None) -> str:
     """Sharded checkpoint of OUT -> one plain checkpoint file (default OUT/ckpt.pt) that sample.py and the
     next stages read. One process; the weights and EMA are read shard by shard into a model built on the CPU.
     The optimizer state stays in the sharded checkpoint: resume from that (any world size)."""
-    from nanodalle.train_utils import save_atomic
+    from nanodalle.checkpoint import save_atomic
     path = latest_sharded(out)
     if path is None:
         raise UserError(f"no sharded checkpoint in {out} (expected {sharded_dir(out)}/latest): pass the --out "

@@ -1,18 +1,17 @@
 """The shared training runtime: every train_*.py uses it unchanged.
 
 What lives here, in the order a training script meets it:
-  make_parser / config_from_args   the common flags of DESIGN.md, plus one flag per model-config field
-  dry_run                          build the model on the meta device, print its size, allocate nothing
-  Trainer                          device and dtype, torchrun/DDP or FSDP (sharding.py), seeding, optimizer,
-                                   LR schedule, EMA, gradient accumulation, atomic checkpoints and --resume,
-                                   logging
-  load_checkpoint / save_grid      used by the training scripts and by sampling
-  main                             run a script: a UserError becomes one line on stderr and exit status 2
+  dry_run      build the model on the meta device, print its size and memory plan, allocate nothing
+  Trainer      device and dtype, torchrun/DDP or FSDP (sharding.py), seeding, optimizer, LR schedule, EMA,
+               gradient accumulation, atomic checkpoints and --resume, logging
+  save_grid    image grids, used by the training scripts and by sampling
+  main         run a script: a UserError becomes one line on stderr and exit status 2
+Next to it: flags.py (the command line), checkpoint.py (saving, loading, rebuilding models), sharding.py
+(FSDP), memory.py (the --dry-run memory plan).
 
 A training script defines `loss_fn(model, batch, step) -> (loss, logs)` and `evaluate(step) -> metrics`
 and calls `Trainer.fit`. The loop itself is ~40 lines below (`Trainer.fit`), written out in full.
 """
-import argparse
 import contextlib
 import copy
 import dataclasses
@@ -32,116 +31,10 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from nanodalle import UserError, sharding
-
-CHECKPOINT_FORMAT = 1
-
+from nanodalle.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_atomic, write_json_atomic
 
 # ----------------------------------------------------------------------------------------------------
-# command line
-
-# training settings a preset may set (train_defaults in each train_*.py); these apply where it does not
-GLOBAL_TRAIN_DEFAULTS = dict(steps=1000, batch_size=32, lr=3e-4, min_lr_frac=0.1, weight_decay=0.0, ema=0.0,
-                             grad_clip=1.0)
-
-
-def make_parser(stage: str, description: str, config_cls, presets: dict, train_defaults: dict):
-    """The common flags of every train_*.py, then one --flag per field of the model's config dataclass.
-
-    Flags whose default depends on --size default to None here and are filled in by config_from_args;
-    their help lists the value per preset. train_defaults: {"toy": dict(steps=2000, lr=1e-3), ...}.
-    """
-    def per_preset(key, values: dict) -> str:  # "toy: 64, small: 128, full: 256" (or one value)
-        shown = {name: values.get(name, {}).get(key, GLOBAL_TRAIN_DEFAULTS.get(key)) for name in presets}
-        if len(set(map(str, shown.values()))) == 1:
-            return f"default: {next(iter(shown.values()))}"
-        return "default: " + ", ".join(f"{name} {v}" for name, v in shown.items())
-
-    def preset_default(key):
-        return per_preset(key, train_defaults)
-
-    p = argparse.ArgumentParser(description=description)
-    g = p.add_argument_group("common")
-    g.add_argument("--size", default="toy", help=f"model preset: {', '.join(presets)} (default: toy)")
-    g.add_argument("--data", default="shapes",
-                   help="'shapes' (built in, the default), a folder of images + .txt captions, or .tar shards")
-    g.add_argument("--out", default=f"out/{stage}",
-                   help=f"output directory: ckpt.pt, log.jsonl, metrics.json, grids (default: out/{stage})")
-    g.add_argument("--steps", type=int, help=f"optimizer steps ({preset_default('steps')})")
-    g.add_argument("--batch-size", type=int, help=f"images per step per process ({preset_default('batch_size')})")
-    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default: 1)")
-    g.add_argument("--lr", type=float, help=f"peak learning rate ({preset_default('lr')})")
-    g.add_argument("--min-lr-frac", type=float, help=f"the cosine ends at lr × this ({preset_default('min_lr_frac')})")
-    g.add_argument("--warmup", type=int, help="linear warm-up steps (default: 2%% of --steps)")
-    g.add_argument("--weight-decay", type=float,
-                   help=f"AdamW weight decay of ≥2-D weights ({preset_default('weight_decay')})")
-    g.add_argument("--grad-clip", type=float, help=f"clip the global grad norm, 0: off ({preset_default('grad_clip')})")
-    g.add_argument("--ema", type=float, help=f"EMA decay of the weights, 0: off ({preset_default('ema')})")
-    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
-                   help="auto: cuda, then mps, then cpu (default: auto)")
-    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="auto: bfloat16 autocast on CUDA where supported (else float16), float32 on CPU/MPS")
-    g.add_argument("--seed", type=int, default=0, help="(default: 0)")
-    g.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
-    g.add_argument("--log-every", type=int, default=50, help="steps between log lines (default: 50)")
-    g.add_argument("--eval-every", type=int, help="steps between evaluations + checkpoints (default: steps / 4)")
-    g.add_argument("--num-workers", type=int,
-                   help="DataLoader worker processes (default: 0 on CPU and MPS, up to 8 per GPU on CUDA)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model")
-    g.add_argument("--dry-run", action="store_true",
-                   help="build on the meta device, print config, size and the memory plan (below), exit")
-    s = p.add_argument_group("scaling (launch with torchrun --nproc_per_node N for several GPUs)")
-    s.add_argument("--fsdp", action="store_true",
-                   help="shard weights, gradients and optimizer state over the processes (FSDP), not DDP")
-    s.add_argument("--cpu-offload", action="store_true", help="with --fsdp: keep the shards and the optimizer on the CPU")
-    s.add_argument("--grad-ckpt", action="store_true",
-                   help="activation checkpointing: keep each block's input, recompute its activations in backward")
-    s.add_argument("--world-size", type=int,
-                   help="--dry-run: plan memory for this many GPUs (default: $WORLD_SIZE, else 1)")
-    s.add_argument("--gpu-mem", type=float, default=80, help="--dry-run: GB of memory per GPU (default: 80)")
-    s.add_argument("--measure-memory", action="store_true",
-                   help="--dry-run: also train 3 steps on synthetic batches on --device and compare the peak")
-    p.set_defaults(_stage=stage, _train_defaults=train_defaults)
-    c = p.add_argument_group(f"model config: override a field of the preset ({config_cls.__name__})")
-    for f in dataclasses.fields(config_cls):
-        type_name = f.type if isinstance(f.type, str) else f.type.__name__  # "int", "float", "str", "bool"
-        kind = {"int": int, "float": float, "bool": _parse_bool}.get(type_name, str)
-        fallback = {name: {f.name: presets[name].get(f.name, f.default)} for name in presets}
-        c.add_argument("--" + f.name.replace("_", "-"), dest="cfg_" + f.name, type=kind, default=None,
-                       metavar=type_name.upper(), help=f"({per_preset(f.name, fallback)})")
-    return p
-
-
-def _parse_bool(s: str) -> bool:
-    if s.lower() in ("1", "true", "yes", "on"):
-        return True
-    if s.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
-
-
-def config_from_args(config_cls, presets: dict, args):
-    """The preset named by --size, with every config flag the user gave applied on top.
-
-    Also fills the training defaults (steps, batch size, lr, ...) of that preset into args.
-    """
-    if args.size not in presets:
-        raise UserError(f"unknown preset --size {args.size!r}: choose one of {', '.join(presets)}")
-    values = dict(presets[args.size])
-    for f in dataclasses.fields(config_cls):
-        given = getattr(args, "cfg_" + f.name)
-        if given is not None:
-            values[f.name] = given
-    for key, value in args._train_defaults.get(args.size, {}).items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
-    for key, value in GLOBAL_TRAIN_DEFAULTS.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    if args.warmup is None:
-        args.warmup = args.steps // 50
-    if args.eval_every is None:
-        args.eval_every = max(args.steps // 4, 1)
-    return config_cls(**values)
+# the model before training
 
 
 def dry_run(make_model: Callable[[object], nn.Module], cfg, args, stage: str) -> None:
@@ -259,106 +152,6 @@ class EMA:
         torch._foreach_lerp_(ema_params, [p.float() for p in model.parameters()], 1 - d)
         for b_ema, b in zip(self.model.buffers(), model.buffers()):
             b_ema.copy_(b)
-
-
-# ----------------------------------------------------------------------------------------------------
-# checkpoints
-
-def save_atomic(obj, path: str) -> None:
-    """torch.save to a temporary file in the same directory, then rename: a kill never leaves half a file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):  # the save failed: remove the partial file, keep the old checkpoint
-            os.remove(tmp)
-
-
-def write_json_atomic(obj, path: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: str, stage: str) -> dict:
-    """Load a checkpoint on the CPU and check it is a nanodalle checkpoint of the expected stage."""
-    if not os.path.isfile(path) and sharding.latest_sharded(os.path.dirname(path) or "."):
-        raise UserError(f"no checkpoint at {path}, but a sharded one (an --fsdp run) next to it: make a plain "
-                        f"one with python -m nanodalle.sharding --consolidate {os.path.dirname(path) or '.'}")
-    if not os.path.isfile(path):
-        raise UserError(f"no checkpoint at {path}: train that stage first (python train_{stage_script(stage)}.py) "
-                        f"or pass the right path")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}): pass a ckpt.pt written by nanodalle")
-    if not isinstance(ckpt, dict) or "format" not in ckpt or "stage" not in ckpt:
-        raise UserError(f"{path} is not a nanodalle checkpoint: pass a ckpt.pt written by a train_*.py script")
-    if ckpt["stage"] != stage:
-        raise UserError(f"{path} is a '{ckpt['stage']}' checkpoint, but a '{stage}' checkpoint is needed here")
-    return ckpt
-
-
-def resume_state(args, stage: str) -> dict | None:
-    """On --resume, the checkpoint OUT/ckpt.pt memory-mapped (its weights are not read), or a sharded one's
-    meta.pt: for what a script needs before it builds its Trainer, like the tokenizer. None otherwise; the
-    Trainer reports a bad one."""
-    if not args.resume:
-        return None
-    try:
-        ckpt = torch.load(os.path.join(args.out, "ckpt.pt"), map_location="cpu", weights_only=True, mmap=True)
-    except Exception:
-        ckpt = None
-    ckpt, _ = sharding.newest(ckpt, args.out)
-    return ckpt if isinstance(ckpt, dict) and ckpt.get("stage") == stage else None
-
-
-def run_tokenizer(args, stage: str):
-    """The tokenizer of a run: on --resume the one saved in its checkpoint, else --tokenizer or the shipped one."""
-    from nanodalle.tokenizer import Tokenizer
-    ckpt = resume_state(args, stage)
-    if ckpt is None or "tokenizer" not in ckpt:
-        return Tokenizer(args.tokenizer)
-    if args.tokenizer is not None:
-        raise UserError(f"--resume uses the tokenizer saved in {args.out}/ckpt.pt: drop --tokenizer {args.tokenizer}")
-    return Tokenizer.from_state(ckpt["tokenizer"])
-
-
-def take_facts(cfg, facts: dict, source: str, args) -> None:
-    """Config fields that are facts of an upstream model or the tokenizer (codebook size, embedding width...),
-    not choices. A new run takes them, and says which preset values they replace. On --resume the config is
-    the checkpoint's (the Trainer rebuilds it): call check_facts on it once the Trainer exists."""
-    if args.resume and os.path.exists(os.path.join(args.out, "ckpt.pt")):
-        return
-    changed = {k: (getattr(cfg, k), v) for k, v in facts.items() if getattr(cfg, k) != v}
-    if changed:
-        print(f"set from {source}: " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()))
-    for k, v in facts.items():
-        setattr(cfg, k, v)
-
-
-def check_facts(cfg, facts: dict, source: str) -> None:
-    """A resumed run must be given the upstream models it was trained with: a one-line error naming both."""
-    theirs = {k: getattr(cfg, k) for k in facts}
-    if theirs != facts:
-        given = ", ".join(f"{k} {v}" for k, v in facts.items())
-        used = ", ".join(f"{k} {v}" for k, v in theirs.items())
-        raise UserError(f"{source} gives {given}, but the run being resumed uses {used}: "
-                        f"pass the one it was trained with")
-
-
-def stage_script(stage: str) -> str:
-    return {"dalle": "transformer", "upsampler": "decoder"}.get(stage, stage)
-
-
-def model_from_checkpoint(ckpt: dict, config_cls, model_cls, use_ema: bool = True) -> nn.Module:
-    """Rebuild the model from the config stored in the checkpoint; EMA weights when there are some."""
-    model = model_cls(config_cls(**ckpt["config"]))
-    state = ckpt["ema"] if use_ema and ckpt.get("ema") is not None else ckpt["model"]
-    model.load_state_dict(state)
-    return model.eval()
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from conftest import ENV, ROOT
-from nanodalle import data, evaluate, train_utils
+from nanodalle import checkpoint, data, evaluate
 from nanodalle.clip import CLIP, CLIPConfig, contrastive_loss, eot_positions, load_clip
 from nanodalle.tokenizer import Tokenizer
 
@@ -256,7 +256,7 @@ def test_train_clip_end_to_end(tmp_path):
     assert set(keys) <= set(metrics) and metrics["step"] == 3
     assert all(0 <= metrics[k] <= 1 for k in keys)
     assert len((out / "log.jsonl").read_text().splitlines()) == 3
-    ckpt = train_utils.load_checkpoint(str(out / "ckpt.pt"), "clip")
+    ckpt = checkpoint.load_checkpoint(str(out / "ckpt.pt"), "clip")
     assert ckpt["tokenizer"] == Tokenizer().state() and ckpt["step"] == 3
     model = load_clip(str(out / "ckpt.pt"))
     assert model.cfg.image_size == 16 and model.cfg.vision_width == 32

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanodalle import train_utils
+from nanodalle import checkpoint, train_utils
 from nanodalle.diffusion import guided
 from nanodalle.prior import PRESETS, DiffusionPrior, PriorConfig, select_best
 
@@ -232,7 +232,7 @@ def test_train_prior_end_to_end(trained):
     for name in ("ckpt.pt", "log.jsonl", "metrics.json", "embeddings_train.pt", "embeddings_val.pt"):
         assert (out / name).is_file(), name
     assert "set from CLIP: embed_dim 128 -> 16, text_width 64 -> 32" in r.stdout
-    ckpt = train_utils.load_checkpoint(str(out / "ckpt.pt"), "prior")
+    ckpt = checkpoint.load_checkpoint(str(out / "ckpt.pt"), "prior")
     cfg = PriorConfig(**ckpt["config"])
     assert (cfg.embed_dim, cfg.text_len, cfg.text_width) == (16, 20, 32)
     assert ckpt["upstream"]["clip_hash"] and ckpt["upstream"]["clip_config"]["embed_dim"] == 16
@@ -244,7 +244,7 @@ def test_train_prior_end_to_end(trained):
     assert cache["image_emb"].shape == (64, 16) and cache["token_feats"].shape == (64, 20, 32)
     assert torch.allclose(cache["image_emb"].norm(dim=-1), torch.ones(64), atol=1e-4)
     # the model in the checkpoint samples unit CLIP image embeddings
-    model = train_utils.model_from_checkpoint(ckpt, PriorConfig, DiffusionPrior)
+    model = checkpoint.model_from_checkpoint(ckpt, PriorConfig, DiffusionPrior)
     lengths = cache["lengths"][:2].long()
     mask = torch.arange(20)[None] < lengths[:, None]
     z = model.sample(cache["text_emb"][:2], cache["token_feats"][:2].float(), mask, steps=4)

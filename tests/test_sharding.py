@@ -12,7 +12,7 @@ import torch
 import torch.multiprocessing as mp
 
 from conftest import ROOT, run_script
-from nanodalle import UserError, memory, sharding, train_utils
+from nanodalle import UserError, checkpoint, flags, memory, sharding, train_utils
 from nanodalle.clip import CLIP, CLIPConfig
 from nanodalle.dalle import DALLE, DALLEConfig, PRESETS
 from nanodalle.diffusion import GaussianDiffusion
@@ -40,10 +40,10 @@ def dalle_loss(model, batch, step):
 
 
 def make_dalle_trainer(out, steps, extra=()):
-    args = train_utils.make_parser("dalle", "test", DALLEConfig, PRESETS, {}).parse_args(
+    args = flags.make_parser("dalle", "test", DALLEConfig, PRESETS, {}).parse_args(
         [*TINY_DALLE, "--steps", str(steps), "--log-every", "1", "--eval-every", "2", "--device", "cpu",
          "--lr", "1e-2", "--warmup", "0", "--ema", "0.5", "--out", str(out), *extra])
-    cfg = train_utils.config_from_args(DALLEConfig, PRESETS, args)
+    cfg = flags.config_from_args(DALLEConfig, PRESETS, args)
     return train_utils.Trainer(args, "dalle", cfg, DALLE)
 
 
@@ -101,27 +101,27 @@ def test_sharded_checkpoint_layout(runs):
     assert meta["stage"] == "dalle" and meta["step"] == 3 and meta["has_ema"]
     # what a script reads before its Trainer (the tokenizer): the sharded run's meta.pt
     from types import SimpleNamespace
-    state = train_utils.resume_state(SimpleNamespace(resume=True, out=str(out)), "dalle")
+    state = checkpoint.resume_state(SimpleNamespace(resume=True, out=str(out)), "dalle")
     assert state["step"] == 3 and "model" not in state
-    assert train_utils.resume_state(SimpleNamespace(resume=True, out=str(out)), "clip") is None
+    assert checkpoint.resume_state(SimpleNamespace(resume=True, out=str(out)), "clip") is None
 
 
 def test_save_load_consolidate_sample_same_tokens(runs, tmp_path):
     resumed = torch.load(runs / "resumed.pt", weights_only=True)  # gathered after a 2-process FSDP resume
-    ddp = train_utils.load_checkpoint(str(runs / "ddp" / "ckpt.pt"), "dalle")
+    ddp = checkpoint.load_checkpoint(str(runs / "ddp" / "ckpt.pt"), "dalle")
     for k, v in ddp["model"].items():  # FSDP after 3 steps == DDP after 3 steps
         torch.testing.assert_close(resumed["model"][k], v, atol=1e-5, rtol=1e-4)
     dest = sharding.consolidate(str(runs / "fsdp"), str(tmp_path / "plain.pt"))
-    ckpt = train_utils.load_checkpoint(dest, "dalle")
+    ckpt = checkpoint.load_checkpoint(dest, "dalle")
     assert ckpt["step"] == 3 and ckpt["optimizer"] is None
     for part in ("model", "ema"):
         assert all(torch.equal(resumed[part][k], ckpt[part][k]) for k in ckpt[part]), part
-    before = train_utils.model_from_checkpoint({**ckpt, "model": resumed["model"]}, DALLEConfig, DALLE, False)
-    after = train_utils.model_from_checkpoint(ckpt, DALLEConfig, DALLE, use_ema=False)
+    before = checkpoint.model_from_checkpoint({**ckpt, "model": resumed["model"]}, DALLEConfig, DALLE, False)
+    after = checkpoint.model_from_checkpoint(ckpt, DALLEConfig, DALLE, use_ema=False)
     tokens = sample_tokens(before)
     assert torch.equal(tokens, sample_tokens(after))
-    ema_before = train_utils.model_from_checkpoint({**ckpt, "ema": resumed["ema"]}, DALLEConfig, DALLE)
-    assert torch.equal(sample_tokens(ema_before), sample_tokens(train_utils.model_from_checkpoint(
+    ema_before = checkpoint.model_from_checkpoint({**ckpt, "ema": resumed["ema"]}, DALLEConfig, DALLE)
+    assert torch.equal(sample_tokens(ema_before), sample_tokens(checkpoint.model_from_checkpoint(
         ckpt, DALLEConfig, DALLE)))
     # one process without torchrun reads the 2-rank checkpoint too (DCP reshards on load)
     model = DALLE(DALLEConfig(**ckpt["config"]))

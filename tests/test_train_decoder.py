@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from conftest import run_script
-from nanodalle import train_utils
+from nanodalle import checkpoint
 from nanodalle.pipeline import DALLE2, decoder_model_fn, slerp
 from nanodalle.unet import UNet, UNetConfig
 from test_prior import CLIP_FLAGS, PRIOR_FLAGS
@@ -120,7 +120,8 @@ def trained(tmp_path_factory):
     runs["prior"] = run_script("train_prior.py", *PRIOR_FLAGS, "--steps", "2", "--clip", clip,
                                "--out", str(tmp / "prior"))
     runs["decoder"] = run_script("train_decoder.py", *DECODER_FLAGS, "--steps", "3", "--clip", clip,
-                                 "--prior", str(tmp / "prior/ckpt.pt"), "--out", str(tmp / "decoder"), timeout=600)
+                                 "--prior", str(tmp / "prior/ckpt.pt"), "--judge-captions", "8",
+                                 "--out", str(tmp / "decoder"), timeout=600)
     runs["upsampler"] = run_script("train_decoder.py", *UPSAMPLER_FLAGS, "--steps", "2",
                                    "--out", str(tmp / "upsampler"))
     return tmp, runs
@@ -134,17 +135,19 @@ def test_train_decoder_end_to_end(trained):
     for name in ("ckpt.pt", "log.jsonl", "metrics.json", "samples.png"):
         assert (out / name).is_file(), name
     assert "clip_dim 128 -> 16" in runs["decoder"].stdout  # a fact of the CLIP, not the preset's
-    ckpt = train_utils.load_checkpoint(str(out / "ckpt.pt"), "decoder")
+    ckpt = checkpoint.load_checkpoint(str(out / "ckpt.pt"), "decoder")
     assert ckpt["ema"] is not None and ckpt["upstream"]["clip_hash"] and "tokenizer" in ckpt
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["step"] == 3
     for key in ("val_mse", "judge_true_emb", "judge_ddim50", "prior_cosine_to_true"):
         assert key in metrics, key
     assert 0 <= metrics["judge_ddim50"] <= 1 and -1 <= metrics["prior_cosine_to_true"] <= 1
+    for key in ("judge_true_emb", "judge_ddim50"):  # --judge-captions 8: a whole number of 8 captions passed
+        assert abs(metrics[key] * 8 - round(metrics[key] * 8)) < 1e-9, key
     assert Image.open(out / "samples.png").size == (8 * 18 + 2, 2 * 18 + 2)  # 2 rows of 8 16-px images, 2 px apart
     up = json.loads((tmp / "upsampler/metrics.json").read_text())
     assert up["psnr_bilinear"] > 15 and "psnr_upsampled" in up
-    up_ckpt = train_utils.load_checkpoint(str(tmp / "upsampler/ckpt.pt"), "upsampler")
+    up_ckpt = checkpoint.load_checkpoint(str(tmp / "upsampler/ckpt.pt"), "upsampler")
     assert up_ckpt["config"]["low_res"] and up_ckpt["config"]["clip_dim"] == 0
 
 

@@ -7,7 +7,7 @@ import torch
 
 import train_transformer
 from conftest import run_script
-from nanodalle import shapes, train_utils
+from nanodalle import checkpoint, shapes
 from nanodalle.dalle import DALLEConfig
 from nanodalle.pipeline import DALLE1, load_dvae
 
@@ -44,7 +44,7 @@ def test_train_transformer_end_to_end(trained, upstream):
     assert r.returncode == 0, r.stderr
     for name in ("ckpt.pt", "log.jsonl", "metrics.json", "samples.png", "codes_train.pt", "codes_val.pt"):
         assert (out / name).is_file(), name
-    ckpt = train_utils.load_checkpoint(str(out / "ckpt.pt"), "dalle")
+    ckpt = checkpoint.load_checkpoint(str(out / "ckpt.pt"), "dalle")
     cfg = DALLEConfig(**ckpt["config"])
     # grid, codebook and text vocabulary come from the dVAE and the tokenizer, whatever the preset said
     assert (cfg.grid_size, cfg.image_vocab, cfg.attention) == (8, 32, "sparse")

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from conftest import ENV, ROOT
-from nanodalle import UserError, dvae, train_utils
+from nanodalle import UserError, checkpoint, dvae, flags, train_utils
 from nanodalle.dvae import DVAE, DVAEConfig, PRESETS, cosine
 import train_dvae
 
@@ -153,7 +153,7 @@ def test_ema_first_update_uses_warmup_decay():
 
 def test_save_atomic_survives_a_crash_during_save(tmp_path, monkeypatch):
     path = str(tmp_path / "ckpt.pt")
-    train_utils.save_atomic({"step": 1, "w": torch.arange(5.0)}, path)
+    checkpoint.save_atomic({"step": 1, "w": torch.arange(5.0)}, path)
     loaded = torch.load(path, weights_only=True)
     assert loaded["step"] == 1 and torch.equal(loaded["w"], torch.arange(5.0))
     before = sha256(path)
@@ -167,46 +167,46 @@ def test_save_atomic_survives_a_crash_during_save(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", crashing_save)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        train_utils.save_atomic({"step": 2, "w": torch.zeros(5)}, path)
+        checkpoint.save_atomic({"step": 2, "w": torch.zeros(5)}, path)
     monkeypatch.setattr(torch, "save", real_save)
     assert sha256(path) == before
     assert torch.load(path, weights_only=True)["step"] == 1
     # a later save replaces it
-    train_utils.save_atomic({"step": 3}, path)
+    checkpoint.save_atomic({"step": 3}, path)
     assert torch.load(path, weights_only=True)["step"] == 3
 
 
 def test_load_checkpoint_errors_name_the_path(tmp_path):
     missing = str(tmp_path / "nothing" / "ckpt.pt")
     with pytest.raises(UserError) as e:
-        train_utils.load_checkpoint(missing, "dvae")
+        checkpoint.load_checkpoint(missing, "dvae")
     assert missing in str(e.value)
 
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"this is not a checkpoint at all\n" * 10)
     with pytest.raises(UserError) as e:
-        train_utils.load_checkpoint(str(garbage), "dvae")
+        checkpoint.load_checkpoint(str(garbage), "dvae")
     assert str(garbage) in str(e.value)
 
     not_ours = tmp_path / "not_ours.pt"
     torch.save({"state_dict": {"w": torch.ones(2)}}, not_ours)  # a torch file, but not a nanodalle checkpoint
     with pytest.raises(UserError) as e:
-        train_utils.load_checkpoint(str(not_ours), "dvae")
+        checkpoint.load_checkpoint(str(not_ours), "dvae")
     assert str(not_ours) in str(e.value)
 
     a_list = tmp_path / "list.pt"
     torch.save([1, 2, 3], a_list)
     with pytest.raises(UserError) as e:
-        train_utils.load_checkpoint(str(a_list), "dvae")
+        checkpoint.load_checkpoint(str(a_list), "dvae")
     assert str(a_list) in str(e.value)
 
     clip = tmp_path / "clip.pt"
     torch.save({"format": 1, "stage": "clip", "model": {}}, clip)
     with pytest.raises(UserError) as e:
-        train_utils.load_checkpoint(str(clip), "dvae")
+        checkpoint.load_checkpoint(str(clip), "dvae")
     msg = str(e.value)
     assert str(clip) in msg and "clip" in msg.replace(str(clip), "") and "dvae" in msg.replace(str(clip), "")
-    assert train_utils.load_checkpoint(str(clip), "clip")["stage"] == "clip"
+    assert checkpoint.load_checkpoint(str(clip), "clip")["stage"] == "clip"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -214,21 +214,21 @@ def test_load_checkpoint_errors_name_the_path(tmp_path):
 
 
 def dvae_parser(train_defaults=None):
-    return train_utils.make_parser("dvae", "test", DVAEConfig, PRESETS,
+    return flags.make_parser("dvae", "test", DVAEConfig, PRESETS,
                                    train_defaults if train_defaults is not None else {"toy": dict(steps=7, batch_size=5)})
 
 
 def test_config_from_args_unknown_preset():
     args = dvae_parser().parse_args(["--size", "nope"])
     with pytest.raises(UserError) as e:
-        train_utils.config_from_args(DVAEConfig, PRESETS, args)
+        flags.config_from_args(DVAEConfig, PRESETS, args)
     assert "nope" in str(e.value) and "toy" in str(e.value)
 
 
 def test_config_from_args_overrides_win_over_preset():
     args = dvae_parser().parse_args(["--n-hid", "8", "--kl-weight", "0.5", "--hard", "true", "--recon",
                                      "logit_laplace", "--steps", "11"])
-    cfg = train_utils.config_from_args(DVAEConfig, PRESETS, args)
+    cfg = flags.config_from_args(DVAEConfig, PRESETS, args)
     expected = {**dataclasses.asdict(DVAEConfig()), **PRESETS["toy"], "n_hid": 8, "kl_weight": 0.5,
                 "hard": True, "recon": "logit_laplace"}
     assert dataclasses.asdict(cfg) == expected
@@ -238,7 +238,7 @@ def test_config_from_args_overrides_win_over_preset():
     assert args.warmup == 11 // 50 and args.eval_every == max(11 // 4, 1)
     # another preset, no overrides: exactly the preset
     args = dvae_parser().parse_args(["--size", "small"])
-    assert dataclasses.asdict(train_utils.config_from_args(DVAEConfig, PRESETS, args)) == \
+    assert dataclasses.asdict(flags.config_from_args(DVAEConfig, PRESETS, args)) == \
         {**dataclasses.asdict(DVAEConfig()), **PRESETS["small"]}
     assert args.steps == 1000 and args.batch_size == 32
     with pytest.raises(SystemExit):  # a malformed bool is an argparse error (exit 2), not a crash
@@ -322,13 +322,13 @@ def test_train_dvae_end_to_end(trained):
         expected = train_utils.lr_at(rec["step"] - 1, toy["lr"], 3 // 50, 3, toy["min_lr_frac"])
         assert math.isclose(rec["lr"], expected, rel_tol=1e-9)
 
-    ckpt = train_utils.load_checkpoint(str(out / "ckpt.pt"), "dvae")
+    ckpt = checkpoint.load_checkpoint(str(out / "ckpt.pt"), "dvae")
     assert {"format", "stage", "config", "model", "ema", "optimizer", "step", "rng"} <= set(ckpt)
     assert ckpt["format"] == 1 and ckpt["stage"] == "dvae" and ckpt["step"] == 3
     cfg = DVAEConfig(**ckpt["config"])
     assert (cfg.image_size, cfg.group_count, cfg.n_hid, cfg.vocab_size, cfg.n_init) == (16, 2, 8, 32, 8)
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
-    model = train_utils.model_from_checkpoint(ckpt, DVAEConfig, DVAE)
+    model = checkpoint.model_from_checkpoint(ckpt, DVAEConfig, DVAE)
 
     # metrics.json, recomputed independently from the saved weights on the first 512 val images
     metrics = json.loads((out / "metrics.json").read_text())
@@ -432,7 +432,7 @@ def test_train_dvae_kill_and_resume(tmp_path):
             proc.wait()
     assert proc.returncode == -signal.SIGKILL
 
-    ckpt = train_utils.load_checkpoint(str(out / "ckpt.pt"), "dvae")  # the kill left a loadable checkpoint
+    ckpt = checkpoint.load_checkpoint(str(out / "ckpt.pt"), "dvae")  # the kill left a loadable checkpoint
     S = ckpt["step"]
     assert S > 0 and S % 5 == 0
     # the log may run past the checkpoint (a step logged, then killed before its save): resume drops those
@@ -442,7 +442,7 @@ def test_train_dvae_kill_and_resume(tmp_path):
                  "--resume")
     assert r.returncode == 0, r.stderr
     assert f"resuming at step {S}" in r.stdout
-    final = train_utils.load_checkpoint(str(out / "ckpt.pt"), "dvae")
+    final = checkpoint.load_checkpoint(str(out / "ckpt.pt"), "dvae")
     assert final["step"] == S + 10
     assert any(not torch.equal(final["model"][k], ckpt["model"][k]) for k in ckpt["model"])
     new = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()[n_old:]]
@@ -458,7 +458,7 @@ def test_train_dvae_resume_uses_the_checkpoints_config(trained, tmp_path):
     r = run_dvae("--resume", "--steps", "4", "--batch-size", "4", "--out", str(out))  # no model flags
     assert "Traceback" not in r.stderr, r.stderr[-2000:]
     assert r.returncode == 0, r.stderr[-2000:]
-    ckpt = train_utils.load_checkpoint(str(out / "ckpt.pt"), "dvae")
+    ckpt = checkpoint.load_checkpoint(str(out / "ckpt.pt"), "dvae")
     assert ckpt["step"] == 4 and ckpt["config"]["n_hid"] == 8 and ckpt["config"]["image_size"] == 16
 
 
@@ -494,11 +494,11 @@ def fixed_batch(seed, n=4):
 
 
 def make_trainer(out, steps, extra=()):
-    args = train_utils.make_parser("dvae", "test", DVAEConfig, PRESETS, {}).parse_args(
+    args = flags.make_parser("dvae", "test", DVAEConfig, PRESETS, {}).parse_args(
         [*TINY, "--steps", str(steps), "--log-every", "1", "--eval-every", "1000", "--device", "cpu",
          "--diversity-weight", "0",  # a statistic of each rank's own batch: DDP != one big batch there
          "--out", str(out), *extra])
-    cfg = train_utils.config_from_args(DVAEConfig, PRESETS, args)
+    cfg = flags.config_from_args(DVAEConfig, PRESETS, args)
     return train_utils.Trainer(args, "dvae", cfg, DVAE), cfg
 
 
@@ -535,7 +535,7 @@ def test_ddp_two_processes_gloo(tmp_path, monkeypatch):
     assert all(torch.equal(w0[k], w1[k]) for k in w0), [k for k in w0 if not torch.equal(w0[k], w1[k])]
     assert any(not torch.equal(w0[k], init0[k]) for k in w0)       # and it trained
     # the master wrote the raw module's state, not the DDP wrapper's
-    ckpt = train_utils.load_checkpoint(str(tmp_path / "a" / "ckpt.pt"), "dvae")
+    ckpt = checkpoint.load_checkpoint(str(tmp_path / "a" / "ckpt.pt"), "dvae")
     assert ckpt["step"] == 3 and all(torch.equal(ckpt["model"][k], w0[k]) for k in w0)
     log = read_log(tmp_path / "a" / "log.jsonl")
     assert [rec["step"] for rec in log] == [1, 2, 3]
