@@ -259,7 +259,7 @@ def main():
         print(format_row(row))
     if args.json:
         checkpoint.write_json_atomic({"device": str(device), "dtype": str(dtype), "threads": torch.get_num_threads(),
-                                       "matmul_peak_gflops": peak / 1e9, "rows": rows}, args.json)
+                                      "matmul_peak_gflops": peak / 1e9, "rows": rows}, args.json)
 
 
 def format_row(r: dict) -> str:

@@ -63,7 +63,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     core and reads W about twice as fast (bench.py; README, efficiency notes). Same math, rounding ~1e-7.
     """
     rows = x.numel() // x.size(-1)
-    if x.device.type != "cpu" or rows > 16 or torch.is_grad_enabled():
+    if x.device.type != "cpu" or not 0 < rows <= 16 or torch.is_grad_enabled():
         return F.linear(x, weight, bias)  # training, prompts, GPUs: the usual x @ Wᵀ + b
     x2 = x.reshape(rows, -1)  # (rows, in)
     if rows == 1:

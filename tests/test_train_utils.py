@@ -215,7 +215,7 @@ def test_load_checkpoint_errors_name_the_path(tmp_path):
 
 def dvae_parser(train_defaults=None):
     return flags.make_parser("dvae", "test", DVAEConfig, PRESETS,
-                                   train_defaults if train_defaults is not None else {"toy": dict(steps=7, batch_size=5)})
+                             train_defaults if train_defaults is not None else {"toy": dict(steps=7, batch_size=5)})
 
 
 def test_config_from_args_unknown_preset():

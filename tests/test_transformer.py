@@ -317,7 +317,7 @@ def test_linear_function_matches_f_linear():
     """transformer.linear (used by DALL-E's image head too) equals F.linear on few and many rows, no grad."""
     torch.manual_seed(0)
     w, b = torch.randn(24, 48), torch.randn(24)
-    for shape in [(1, 1, 48), (5, 48), (2, 40, 48)]:
+    for shape in [(1, 1, 48), (5, 48), (2, 40, 48), (2, 0, 48)]:
         x = torch.randn(shape)
         with torch.no_grad():
             for bias in (None, b):
