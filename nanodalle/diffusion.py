@@ -24,7 +24,7 @@ trained with T = 1000 samples with any number of DDIM steps.
 
 Schedules are computed in float64 on the CPU (ᾱ_t gets very close to 0 and 1, where float32 loses digits)
 and stored as float32 buffers (MPS has no float64). They are not saved in checkpoints (persistent=False):
-they are rebuilt from (timesteps, schedule).
+they are rebuilt from (timesteps, schedule, shift).
 """
 import math
 
@@ -59,6 +59,22 @@ def cosine_betas(timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> n
     return np.minimum(1 - alphas_cumprod[1:] / alphas_cumprod[:-1], max_beta)
 
 
+def shift_betas(betas: np.ndarray, shift: float, max_beta: float = 0.999) -> np.ndarray:
+    """The same schedule with every SNR_t = ᾱ_t / (1 − ᾱ_t) divided by shift² (Hoogeboom et al. 2023, "simple
+    diffusion" §3.1: shift the log-SNR by −2·log(shift); Chen 2023 scales the input by 1/shift, the same thing).
+
+    Why: noise hides an object in proportion to its pixels' SNR, but a large flat object spreads its signal over
+    many pixels, so it is still visible at a noise level that hides a textured one. The cosine schedule, made for
+    natural images, then decides such layouts in its last few (noisiest) steps; dividing the SNR by shift² moves
+    more training and sampling steps to those noise levels. Solving SNR' = SNR / shift² for ᾱ':
+        ᾱ'_t = ᾱ_t / (ᾱ_t + shift² · (1 − ᾱ_t)),   β'_t = min(1 − ᾱ'_t / ᾱ'_{t-1}, max_beta).
+    """
+    alphas_cumprod = np.cumprod(1 - betas)
+    shifted = alphas_cumprod / (alphas_cumprod + shift ** 2 * (1 - alphas_cumprod))
+    shifted_prev = np.append(1.0, shifted[:-1])
+    return np.minimum(1 - shifted / shifted_prev, max_beta)
+
+
 def _extract(buf: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """buf[t] for a batch of timesteps t (B,), shaped (B, 1, ..., 1) to broadcast against x (B, ...)."""
     out = buf[t]  # (B,)
@@ -77,7 +93,7 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 class GaussianDiffusion(nn.Module):
     """The schedule buffers and every formula that uses them. It has no parameters: the network is model_fn."""
 
-    def __init__(self, timesteps: int = 1000, schedule: str = "cosine", predict: str = "eps"):
+    def __init__(self, timesteps: int = 1000, schedule: str = "cosine", predict: str = "eps", shift: float = 1.0):
         super().__init__()
         if schedule not in SCHEDULES:
             raise ValueError(f"unknown noise schedule {schedule!r}: choose one of {', '.join(SCHEDULES)}")
@@ -85,10 +101,14 @@ class GaussianDiffusion(nn.Module):
             raise ValueError(f"unknown prediction target {predict!r}: choose one of {', '.join(PREDICTIONS)}")
         if timesteps < 2:
             raise ValueError(f"diffusion needs at least 2 timesteps, got {timesteps}")
-        self.num_timesteps, self.schedule, self.predict = timesteps, schedule, predict
+        if not shift > 0:
+            raise ValueError(f"the schedule shift must be > 0 (1 = none), got {shift}")
+        self.num_timesteps, self.schedule, self.predict, self.shift = timesteps, schedule, predict, shift
 
         # Everything in float64 here; converted to float32 buffers at the end.
         betas = linear_betas(timesteps) if schedule == "linear" else cosine_betas(timesteps)
+        if shift != 1:
+            betas = shift_betas(betas, shift)
         if not (betas > 0).all() or not (betas < 1).all():
             raise ValueError(f"the {schedule} schedule with {timesteps} timesteps gives β outside (0, 1): "
                              "use more timesteps")

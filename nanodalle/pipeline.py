@@ -193,7 +193,7 @@ def slerp(a: torch.Tensor, b: torch.Tensor, frac: float) -> torch.Tensor:
 
 def make_diffusion(cfg) -> GaussianDiffusion:
     """The decoder's / upsampler's Gaussian diffusion, from the settings saved with the UNet."""
-    return GaussianDiffusion(cfg.timesteps, cfg.schedule, predict=cfg.predict)
+    return GaussianDiffusion(cfg.timesteps, cfg.schedule, predict=cfg.predict, shift=cfg.schedule_shift)
 
 
 def decoder_model_fn(unet: UNet, clip_emb, tokens, guidance_scale: float):

@@ -55,6 +55,7 @@ class UNetConfig:
     blur_sigma: float = 0.6           # upsampler: Gaussian blur (3×3) of the low-res image in training (§2.1)
     timesteps: int = 1000             # unCLIP App. C: 1000 steps, cosine schedule
     schedule: str = "cosine"
+    schedule_shift: float = 1.0       # > 1: SNR_t / shift² at every t, noisier (diffusion.shift_betas says why)
     predict: str = "v"                # what the output is: "eps" (DDPM, unCLIP), "v" or "x0" (diffusion.py says why v)
     snr_gamma: float = 0.0            # > 0: Min-SNR-γ loss weighting (Hang et al. 2023; diffusion.loss); 0: L_simple
     clip_drop: float = 0.1            # unCLIP §2.1: z_i dropped 10% of the time in training ...

@@ -84,6 +84,23 @@ def test_cosine_schedule_matches_formula():
 
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_shifted_schedule_divides_snr(schedule):
+    """shift k: SNR'_t = SNR_t / k² at every t where β is not clipped (simple diffusion §3.1); k = 1 changes
+    nothing. SNR from the independent numpy ᾱ."""
+    ab = np_alphas_cumprod(schedule)
+    snr = ab / (1 - ab)
+    d1 = GaussianDiffusion(T, schedule, shift=1.0)
+    np.testing.assert_array_equal(d1.betas.numpy(), GaussianDiffusion(T, schedule).betas.numpy())
+    for k in (0.5, 2.0, 3.0):
+        d = GaussianDiffusion(T, schedule, shift=k)
+        ts = np.arange(0, 990)  # the cosine schedule's β clip bites only in its last few steps
+        np.testing.assert_allclose(d.snr.numpy()[ts], snr[ts] / k ** 2, rtol=1e-4)
+        assert (d.betas > 0).all() and d.betas.max().item() <= 0.999 + 1e-7
+    with pytest.raises(ValueError, match="shift"):
+        GaussianDiffusion(T, schedule, shift=0.0)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
 def test_buffers_are_float32_and_not_saved(schedule):
     d = GaussianDiffusion(T, schedule)
     buffers = dict(d.named_buffers())
