@@ -137,6 +137,7 @@ def main():
     if stage == "upsampler" and cfg.train_crop and cfg.train_crop % (cfg.image_size // cfg.low_res_size):
         raise UserError(f"--train-crop {cfg.train_crop} must be a multiple of the scale "
                         f"{cfg.image_size // cfg.low_res_size}")
+    flags.check_diffusion(cfg.timesteps, cfg.schedule, cfg.predict, cfg.schedule_shift)
     if args.dry_run:
         return train_utils.dry_run(UNet, cfg, args, stage)
 

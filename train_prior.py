@@ -89,6 +89,7 @@ def main():
                         help="embed at most this many training images (default: toy 50000, else all)")
     args = parser.parse_args()
     cfg = flags.config_from_args(PriorConfig, PRESETS, args)
+    flags.check_diffusion(cfg.timesteps, cfg.schedule, "x0")  # the prior predicts x_0 (unCLIP §2.2)
     if args.dry_run:
         return train_utils.dry_run(DiffusionPrior, cfg, args, "prior")
     if cfg.n_embd % cfg.n_head:

@@ -114,3 +114,13 @@ def config_from_args(config_cls, presets: dict, args):
     if args.eval_every is None:
         args.eval_every = max(args.steps // 4, 1)
     return config_cls(**values)
+
+
+def check_diffusion(timesteps: int, schedule: str, predict: str, shift: float = 1.0) -> None:
+    """A one-line UserError for diffusion settings that GaussianDiffusion refuses (--schedule, --predict,
+    --timesteps, --schedule-shift), raised before anything is built or written."""
+    from nanodalle.diffusion import GaussianDiffusion
+    try:
+        GaussianDiffusion(timesteps, schedule, predict, shift)
+    except ValueError as e:
+        raise UserError(str(e)) from None

@@ -277,5 +277,9 @@ def test_train_prior_user_errors(trained, tmp_path):
         r = run("train_prior.py", *PRIOR_FLAGS, "--clip", clip, "--out", str(tmp_path / "y"))
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], r.stderr
+    r = run("train_prior.py", *PRIOR_FLAGS, "--schedule", "quadratic", "--out", str(tmp_path / "q"))
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "'quadratic'" in lines[0], r.stderr
+    assert not (tmp_path / "q").exists()  # refused before anything was written
     r = run("train_prior.py", "--size", "full", "--dry-run")
     assert r.returncode == 0 and "total: 1,2" in r.stdout

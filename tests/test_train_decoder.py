@@ -204,6 +204,9 @@ def test_user_errors(trained, tmp_path):
     one_line_error(r, "/nonexistent/clip.pt")
     r = run_script("train_decoder.py", *UPSAMPLER_FLAGS, "--train-crop", "7", "--out", str(tmp_path / "z"))
     one_line_error(r, "--train-crop 7")
+    r = run_script("train_decoder.py", *DECODER_FLAGS, "--schedule-shift", "0", "--out", str(tmp_path / "s"))
+    one_line_error(r, "schedule shift")
+    assert not (tmp_path / "s").exists()  # refused before anything was written
 
 
 def test_full_presets_dry_run():
