@@ -14,7 +14,6 @@ backward) plus 12 · layers · T · C per token for attention scores (Kaplan et 
 convolutional nets, the forward FLOPs counted by hooks on every Conv2d/Linear, times 3.
 """
 import argparse
-import json
 import resource
 import statistics
 import time
