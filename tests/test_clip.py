@@ -218,6 +218,7 @@ def _ddp_worker(rank, tmp, port):
     loss.backward()
     grads = {k: p.grad for k, p in model.module.named_parameters()}
     torch.save({"loss": loss.item(), "grads": grads}, f"{tmp}/rank{rank}.pt")
+    dist.barrier()  # both ranks done before rank 0, which hosts the store, tears down (else exit can hang)
     dist.destroy_process_group()
 
 

@@ -71,6 +71,7 @@ def _worker(rank, tmp, ports):
     full_ema = sharding.full_state_dict(trainer.ema.model)
     if rank == 0:
         torch.save({"model": full, "ema": full_ema}, f"{tmp}/resumed.pt")
+    torch.distributed.barrier()  # both ranks done before rank 0, which hosts the store, tears down
     torch.distributed.destroy_process_group()
 
 
