@@ -51,7 +51,8 @@ def make_parser(stage: str, description: str, config_cls, presets: dict, train_d
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
                    help="auto: cuda, then mps, then cpu (default: auto)")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="auto: bfloat16 autocast on CUDA where supported (else float16), float32 on CPU/MPS")
+                   help="auto: bfloat16 autocast where the hardware has it: CUDA (else float16) and CPUs with "
+                        "AVX512-BF16 or AMX; float32 on other CPUs and on MPS")
     g.add_argument("--seed", type=int, default=0, help="(default: 0)")
     g.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
     g.add_argument("--log-every", type=int, default=50, help="steps between log lines (default: 50)")

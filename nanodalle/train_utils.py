@@ -88,11 +88,27 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def cpu_has_bf16() -> bool:
+    """Does this CPU multiply bfloat16 natively (AVX512-BF16: AMD Zen 4+, Intel Cooper Lake+; or AMX: Intel
+    Sapphire Rapids+)? Read from Linux's /proc/cpuinfo; False elsewhere. Without them bfloat16 is emulated,
+    slower than float32."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    """auto: bfloat16 autocast on CUDA where supported, else float16; float32 on CPU and MPS."""
+    """auto: bfloat16 autocast where the hardware does it natively: CUDA GPUs that support it (else float16),
+    and CPUs with AVX512-BF16 or AMX, where it makes a training step 1.2-1.8× faster (README, efficiency
+    notes); float32 on other CPUs and on MPS."""
     if name == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if device.type == "cpu" and cpu_has_bf16():
+            return torch.bfloat16
         return torch.float32
     return getattr(torch, name)
 

@@ -135,6 +135,10 @@ class Attention(nn.Module):
         written out below; both give the same numbers. `cache` (KVCache) with `layer` (this layer's index
         in it) turns on incremental decoding. key_padding_mask covers the context in cross-attention."""
         B, T, C = x.shape
+        if use_sdpa and x.device.type == "cpu" and torch.is_autocast_enabled("cpu") and torch.is_grad_enabled():
+            # Training in bfloat16 on a CPU: PyTorch's fused CPU attention is slow backward in bfloat16 (55 ms
+            # of a 175 ms bench-toy DALL-E step); the written-out math runs as bf16 matmuls (1.15× the step).
+            use_sdpa = False
         q = self.split_heads(self.query(x))  # (B, nh, T, hs)
         start = cache.length if cache is not None else 0  # absolute position of the first query
         if self.is_cross:

@@ -28,6 +28,7 @@ from PIL import Image
 from conftest import ENV, ROOT
 from nanodalle import UserError, checkpoint, dvae, flags, train_utils
 from nanodalle.dvae import DVAE, DVAEConfig, PRESETS, cosine
+from nanodalle.transformer import Attention
 import train_dvae
 
 TINY = ["--image-size", "16", "--group-count", "2", "--n-hid", "8", "--vocab-size", "32", "--n-init", "8",
@@ -257,6 +258,36 @@ def test_pick_device_cuda_unavailable_is_user_error():
     assert train_utils.pick_device("cpu") == torch.device("cpu")
     if not torch.backends.mps.is_available():
         assert train_utils.pick_device("auto") == torch.device("cpu")
+
+
+def test_auto_dtype_on_the_cpu_follows_native_bf16(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(train_utils, "cpu_has_bf16", lambda: True)  # e.g. AMD Zen 4, Intel Sapphire Rapids
+    assert train_utils.pick_dtype("auto", cpu) == torch.bfloat16
+    assert train_utils.pick_dtype("float32", cpu) == torch.float32  # asked for: always honoured
+    monkeypatch.setattr(train_utils, "cpu_has_bf16", lambda: False)  # emulated bf16 would be slower
+    assert train_utils.pick_dtype("auto", cpu) == torch.float32
+    assert train_utils.pick_dtype("bfloat16", cpu) == torch.bfloat16
+
+
+def test_bf16_training_attention_on_the_cpu_is_written_out_and_equals_sdpa(monkeypatch):
+    """Under CPU autocast with gradients, Attention takes the written-out path (bf16 matmuls), not the fused
+    kernel; it computes the same function."""
+    torch.manual_seed(0)
+    attn = Attention(32, 4)
+    x = torch.randn(2, 5, 32)
+    sdpa = F.scaled_dot_product_attention
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.no_grad():
+            y_sdpa = attn(x, causal=True)  # no gradients: the fused kernel
+
+        def refuse(*args, **kwargs):
+            raise AssertionError("the fused kernel was called while training in bf16 on the CPU")
+        monkeypatch.setattr(F, "scaled_dot_product_attention", refuse)
+        y = attn(x, causal=True)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", sdpa)
+    assert y.requires_grad and y.dtype == y_sdpa.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), y_sdpa.float(), atol=2e-2, rtol=2e-2)  # bf16 rounding, 3 digits
 
 
 def test_save_grid_geometry_and_values(tmp_path):
@@ -497,6 +528,7 @@ def make_trainer(out, steps, extra=()):
     args = flags.make_parser("dvae", "test", DVAEConfig, PRESETS, {}).parse_args(
         [*TINY, "--steps", str(steps), "--log-every", "1", "--eval-every", "1000", "--device", "cpu",
          "--diversity-weight", "0",  # a statistic of each rank's own batch: DDP != one big batch there
+         "--dtype", "float32",  # DDP against one process to 1e-5: bfloat16 rounds differently per batch split
          "--out", str(out), *extra])
     cfg = flags.config_from_args(DVAEConfig, PRESETS, args)
     return train_utils.Trainer(args, "dvae", cfg, DVAE), cfg
