@@ -276,7 +276,6 @@ def test_bf16_training_attention_on_the_cpu_is_written_out_and_equals_sdpa(monke
     torch.manual_seed(0)
     attn = Attention(32, 4)
     x = torch.randn(2, 5, 32)
-    sdpa = F.scaled_dot_product_attention
     with torch.autocast("cpu", dtype=torch.bfloat16):
         with torch.no_grad():
             y_sdpa = attn(x, causal=True)  # no gradients: the fused kernel
@@ -285,7 +284,6 @@ def test_bf16_training_attention_on_the_cpu_is_written_out_and_equals_sdpa(monke
             raise AssertionError("the fused kernel was called while training in bf16 on the CPU")
         monkeypatch.setattr(F, "scaled_dot_product_attention", refuse)
         y = attn(x, causal=True)
-    monkeypatch.setattr(F, "scaled_dot_product_attention", sdpa)
     assert y.requires_grad and y.dtype == y_sdpa.dtype == torch.bfloat16
     torch.testing.assert_close(y.float(), y_sdpa.float(), atol=2e-2, rtol=2e-2)  # bf16 rounding, 3 digits
 
