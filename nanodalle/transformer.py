@@ -34,7 +34,9 @@ class KVCache:
     tokens writes their keys and values in place at length..length+T-1 (no torch.cat, nothing reallocated,
     which is what makes a decoding step cheap), and Transformer.forward then advances `length` by T.
     Set `length` back to rewind (e.g. to reuse a prompt). `context_kv[i]` keeps the keys and values of a
-    cross-attention context, computed on the first step and reused after.
+    cross-attention context, computed on the first step and reused after. `qkv_weights[i]` keeps layer i's
+    three projection weights stacked into one for decoding steps, built on the first (a new cache, i.e. a
+    new generate() call, always sees the current weights).
     """
 
     def __init__(self, n_layer, batch_size, n_head, head_size, max_len, device=None, dtype=None):
@@ -42,6 +44,7 @@ class KVCache:
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
         self.context_kv = {}
+        self.qkv_weights = {}
         self.max_len, self.length = max_len, 0
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
@@ -129,6 +132,20 @@ class Attention(nn.Module):
         B, T, C = x.shape
         return x.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, T, C) -> (B, nh, T, hs)
 
+    def project_qkv_stacked(self, x, cache, layer):
+        """query(x), key(x), value(x) as (B, nh, T, hs) each, from one matrix product with the three weights
+        stacked (3C, C), kept in the cache. The same math as three products; a decoding step's cost is reading
+        the weights plus a fixed cost per call, and one call instead of three makes it ~7% faster (bench-long)."""
+        if layer not in cache.qkv_weights:
+            weight = torch.cat([self.query.weight, self.key.weight, self.value.weight])  # (3C, C)
+            bias = None
+            if self.query.bias is not None:
+                bias = torch.cat([self.query.bias, self.key.bias, self.value.bias])      # (3C,)
+            cache.qkv_weights[layer] = (weight, bias)
+        weight, bias = cache.qkv_weights[layer]
+        q, k, v = linear(x, weight, bias).split(x.size(-1), dim=-1)  # (B, T, 3C) -> 3 × (B, T, C)
+        return self.split_heads(q), self.split_heads(k), self.split_heads(v)
+
     def forward(self, x, context=None, mask=None, causal=False, key_padding_mask=None, cache=None, layer=0,
                 use_sdpa: bool = True):
         """x (B, T, C) -> (B, T, C). use_sdpa picks F.scaled_dot_product_attention (fast) or the same math
@@ -140,9 +157,12 @@ class Attention(nn.Module):
             # of a 175 ms bench-toy DALL-E step); the written-out math below runs as bf16 matmuls, and the
             # whole step gets 1.15× faster.
             use_sdpa = False
-        q = self.split_heads(self.query(x))  # (B, nh, T, hs)
         start = cache.length if cache is not None else 0  # absolute position of the first query
-        if self.is_cross:
+        if cache is not None and not self.is_cross and T == 1:
+            q, k, v = self.project_qkv_stacked(x, cache, layer)  # a decoding step: (B, nh, 1, hs) each
+            k, v = cache.update(layer, k, v)                     # (B, nh, S, hs), S = start + 1
+        elif self.is_cross:
+            q = self.split_heads(self.query(x))  # (B, nh, T, hs)
             if cache is not None and layer in cache.context_kv:  # the context is fixed while decoding
                 k, v = cache.context_kv[layer]
             else:
@@ -152,6 +172,7 @@ class Attention(nn.Module):
                 if cache is not None:
                     cache.context_kv[layer] = (k, v)
         else:
+            q = self.split_heads(self.query(x))  # (B, nh, T, hs)
             k, v = self.split_heads(self.key(x)), self.split_heads(self.value(x))  # (B, nh, T, hs)
             if cache is not None:
                 k, v = cache.update(layer, k, v)  # (B, nh, S, hs), S = start + T: every position so far

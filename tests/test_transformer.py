@@ -210,6 +210,21 @@ def test_kv_cache_matches_full_forward(kind, use_sdpa, chunks):
     assert max_diff(full, cached) <= 1e-5
 
 
+def test_decoding_steps_follow_the_current_weights():
+    """A decoding step reads q, k, v weights stacked once per cache: a new cache sees changed weights."""
+    model = Transformer(2, C, NH).eval()
+    x = randn(B, T, C)
+    with torch.no_grad():
+        decode(model, x, [1] * T, True, causal=True)
+        assert len(model.new_cache(B, T).qkv_weights) == 0
+        for block in model.blocks:  # as a training step would
+            block.attn.key.weight.mul_(-2.0)
+            block.attn.value.bias.add_(0.5)
+        full = model(x, causal=True)
+        cached = decode(model, x, [1] * T, True, causal=True)
+    assert max_diff(full, cached) <= 1e-5
+
+
 def test_kv_cache_cross_attention():
     model = Transformer(2, C, NH, context_dim=CTX_DIM).eval()
     x, ctx = randn(B, T, C), randn(B, S_CTX, CTX_DIM, seed=1)
