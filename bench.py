@@ -7,7 +7,8 @@
 For each training step: the median over --steps timed steps after --warmup untimed ones (forward, backward,
 AdamW), items/s, tokens/s, achieved GFLOP/s and its fraction of the matrix-multiply peak measured in the same
 run on the same device (a large square matmul, median of several), and peak memory. Sampling: DALL-E 1 with
-and without the KV cache; the unCLIP decoder with 50 DDIM steps and with 1000 DDPM steps.
+and without the KV cache; the unCLIP decoder with 50 DDIM steps and with 1000 DDPM steps. On a CPU, each row
+that has one of DESIGN.md's speed targets for the 2-core CPU says whether it is met, or by how much it is missed.
 
 FLOP counts are the usual estimates: 6 · parameters per token for a transformer's matmuls (2 forward, 4
 backward) plus 12 · layers · T · C per token for attention scores (Kaplan et al. 2020; nanoGPT's MFU); for
@@ -47,6 +48,34 @@ SIZES = {
                           attention_resolutions="16,8", clip_dim=256, text_vocab=1024, text_len=32, text_width=192,
                           pad_id=1023),
 }
+
+
+# DESIGN.md's speed targets on the 2-core CPU: (stage, start of the row's `what`) -> (row key, "max" or "min",
+# the limit, its unit as printed after it). bench.py says on each such row, run on a CPU, whether it is met and by how much not.
+CPU_TARGETS = {
+    ("dalle", "train step, bench-long"): ("mfu", "min", 0.85, " of the matmul peak"),
+    ("dalle", "sample bench-long, KV cache, batch 1"): ("ms", "max", 7, " ms/token"),
+    ("dalle", "sample bench-long, recompute"): ("speedup", "min", 10, "× KV-cache speed-up"),
+    ("dalle", "sample bench-long, KV cache, batch 8"): ("ms", "max", 10, " ms/token"),
+    ("prior", "train step"): ("ms", "max", 60, " ms"),
+    ("decoder", "train step"): ("ms", "max", 360, " ms"),
+    ("decoder", "sample 4 images, DDIM"): ("ms", "max", 2500, " ms"),
+}
+
+
+def target_note(row: dict) -> str | None:
+    """'target ≤ 7 ms/token: met' or '...: missed, 9.4 (1.34× the limit)' for a row with a CPU target."""
+    for (stage, what), (key, kind, limit, unit) in CPU_TARGETS.items():
+        if row["stage"] != stage or not row["what"].startswith(what):
+            continue
+        value = row[key]
+        met = value <= limit if kind == "max" else value >= limit
+        row["target_met"] = met
+        shown, limit_shown = (f"{value:.0%}", f"{limit:.0%}") if key == "mfu" else (f"{value:.1f}", f"{limit:g}")
+        sign = "≤" if kind == "max" else "≥"
+        verdict = "met" if met else f"missed, {shown} ({value / limit:.2f}× the limit)"
+        return f"target {sign} {limit_shown}{unit}: {verdict}"
+    return None
 
 
 def sync(device):
@@ -179,7 +208,8 @@ def bench_dalle(device, dtype, args):
                 full = timed(lambda: model.generate(text, use_cache=False), device, 2, 0)
                 rows.append({"stage": "dalle", "what": "sample bench-long, recompute, batch 1",
                              "ms": 1000 * full / cfg.image_len, "unit": "ms/token", "items_s": 1 / full,
-                             "tokens_s": cfg.image_len / full, "note": f"KV cache speed-up {full / cached:.1f}×"})
+                             "tokens_s": cfg.image_len / full, "speedup": full / cached,
+                             "note": f"KV cache speed-up {full / cached:.1f}×"})
     return rows
 
 
@@ -255,6 +285,9 @@ def main():
             if "gflops" in row:
                 row["mfu"] = row["gflops"] * 1e9 / peak
             row["peak_mem_mb"] = peak_memory_mb(device)
+            note = target_note(row) if device.type == "cpu" else None
+            if note:
+                row["note"] = f"{row['note']}; {note}" if row.get("note") else note
             rows.append(row)
             print(format_row(row), flush=True)
     print("\n| stage | what | time | items/s | tokens/s | GFLOP/s | of matmul peak | peak mem | note |")
