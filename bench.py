@@ -271,8 +271,8 @@ def main():
     device = train_utils.pick_device(args.device)
     dtype = train_utils.pick_dtype(args.dtype, device)
     # Sampling is timed as sample.py runs it: float32 on the CPU unless --dtype asks otherwise. (bfloat16
-    # autocast makes CPU training 1.7-2.1× faster, but KV-cached decoding, which reads every weight once per
-    # token, slower: 13.1 against 7.8 ms/token at bench-long, batch 1.)
+    # autocast makes CPU training 1.5-2.1× faster, but KV-cached decoding, which reads every weight once per
+    # token, slower: 11.4 against 6.2 ms/token at bench-long, batch 1.)
     args.sample_dtype = torch.float32 if device.type == "cpu" and args.dtype == "auto" else dtype
     torch.manual_seed(0)
     peak = matmul_peak(device, dtype)

@@ -102,7 +102,7 @@ def cpu_has_bf16() -> bool:
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     """auto: bfloat16 autocast where the hardware does it natively: CUDA GPUs that support it (else float16),
-    and CPUs with AVX512-BF16 or AMX, where it makes a training step 1.7-2.1× faster (README, efficiency
+    and CPUs with AVX512-BF16 or AMX, where it makes a training step 1.5-2.1× faster (README, efficiency
     notes); float32 on other CPUs and on MPS."""
     if name == "auto":
         if device.type == "cuda":
