@@ -2,6 +2,7 @@
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -28,3 +29,15 @@ def run_script(script: str, *flags, timeout: int = 300) -> subprocess.CompletedP
     """python SCRIPT FLAGS... from the repository root, as a user runs it: (returncode, stdout, stderr)."""
     return subprocess.run([sys.executable, script, *flags], cwd=ROOT, env=ENV, capture_output=True, text=True,
                           timeout=timeout)
+
+
+def leave_together(tmp, rank: int, world_size: int = 2, timeout: float = 60.0) -> None:
+    """The last call of a spawned worker, after destroy_process_group: rank 0 hosts the c10d store, so it waits
+    until every rank has torn down its process group before it exits. A rank still tearing down when the store
+    goes away can abort ("terminate called without an active exception"), which made CI flaky."""
+    Path(tmp, f"left{rank}").touch()
+    deadline = time.time() + timeout
+    while rank == 0 and time.time() < deadline:
+        if all(Path(tmp, f"left{r}").exists() for r in range(world_size)):
+            break
+        time.sleep(0.05)

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import ENV, ROOT
+from conftest import ENV, ROOT, leave_together
 from nanodalle import checkpoint, data, evaluate
 from nanodalle.clip import CLIP, CLIPConfig, contrastive_loss, eot_positions, load_clip
 from nanodalle.tokenizer import Tokenizer
@@ -220,6 +220,7 @@ def _ddp_worker(rank, tmp, port):
     torch.save({"loss": loss.item(), "grads": grads}, f"{tmp}/rank{rank}.pt")
     dist.barrier()  # both ranks done before rank 0, which hosts the store, tears down (else exit can hang)
     dist.destroy_process_group()
+    leave_together(tmp, rank)
 
 
 def test_ddp_gather_equals_one_process_on_the_whole_batch(tmp_path):

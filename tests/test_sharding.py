@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from conftest import ROOT, run_script
+from conftest import ROOT, leave_together, run_script
 from nanodalle import UserError, checkpoint, flags, memory, sharding, train_utils
 from nanodalle.clip import CLIP, CLIPConfig
 from nanodalle.dalle import DALLE, DALLEConfig, PRESETS
@@ -74,6 +74,7 @@ def _worker(rank, tmp, ports):
         torch.save({"model": full, "ema": full_ema}, f"{tmp}/resumed.pt")
     torch.distributed.barrier()  # both ranks done before rank 0, which hosts the store, tears down
     torch.distributed.destroy_process_group()
+    leave_together(tmp, rank)
 
 
 @pytest.fixture(scope="module")

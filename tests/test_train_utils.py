@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from conftest import ENV, ROOT
+from conftest import ENV, ROOT, leave_together
 from nanodalle import UserError, checkpoint, dvae, flags, train_utils
 from nanodalle.dvae import DVAE, DVAEConfig, PRESETS, cosine
 from nanodalle.transformer import Attention
@@ -555,6 +555,7 @@ def _ddp_worker(rank, tmp, ports):
     x = fixed_batch(200 + rank)
     trainer.fit(iter([(x, None)]), dvae_loss_fn(cfg))
     torch.save(trainer.raw_model.state_dict(), f"{tmp}/b_rank{rank}.pt")
+    leave_together(tmp, rank)  # fit() has torn the process group down
 
 
 def test_ddp_two_processes_gloo(tmp_path, monkeypatch):
