@@ -3,12 +3,14 @@
     python bench.py                         # all stages on the best device, markdown table on stdout
     python bench.py --json out/bench.json   # also write the numbers
     python bench.py --only dalle --device cpu --steps 10
+    python bench.py --device cuda --compile  # a GPU: bf16 autocast (--dtype auto), training through torch.compile
 
 For each training step: the median over --steps timed steps after --warmup untimed ones (forward, backward,
 AdamW), items/s, tokens/s, achieved GFLOP/s and its fraction of the matrix-multiply peak measured in the same
-run on the same device (a large square matmul, median of several), and peak memory. Sampling: DALL-E 1 with
-and without the KV cache; the unCLIP decoder with 50 DDIM steps and with 1000 DDPM steps. On a CPU, each row
-that has one of DESIGN.md's speed targets for the 2-core CPU says whether it is met, or by how much it is missed.
+run on the same device (a large square matmul, median of several), and peak memory. The attention layer alone,
+forward and backward, on its SDPA path and written out. Sampling: DALL-E 1 with and without the KV cache; the
+unCLIP decoder with 50 DDIM steps and with 1000 DDPM steps. On a CPU, each row that has one of DESIGN.md's
+speed targets for the 2-core CPU says whether it is met, or by how much it is missed.
 
 FLOP counts are the usual estimates: 6 · parameters per token for a transformer's matmuls (2 forward, 4
 backward) plus 12 · layers · T · C per token for attention scores (Kaplan et al. 2020; nanoGPT's MFU); for
@@ -29,6 +31,7 @@ from nanodalle.diffusion import GaussianDiffusion
 from nanodalle.dvae import DVAE, DVAEConfig
 from nanodalle.pipeline import decoder_model_fn
 from nanodalle.prior import DiffusionPrior, PriorConfig
+from nanodalle.transformer import Attention
 from nanodalle.unet import UNet, UNetConfig
 
 # bench-toy and bench-long, as fixed in DESIGN.md: do not change them, results are compared over time
@@ -51,7 +54,7 @@ SIZES = {
 
 
 # DESIGN.md's speed targets on the 2-core CPU: (stage, start of the row's `what`) -> (row key, "max" or "min",
-# the limit, its unit as printed after it). bench.py says on each such row, run on a CPU, whether it is met and by how much not.
+# the limit, its unit as printed after it). On a CPU, each such row says whether it is met, or by how much not.
 CPU_TARGETS = {
     ("dalle", "train step, bench-long"): ("mfu", "min", 0.85, " of the matmul peak"),
     ("dalle", "sample bench-long, KV cache, batch 1"): ("ms", "max", 7, " ms/token"),
@@ -131,9 +134,12 @@ def conv_flops(model: nn.Module, *inputs) -> float:
     return total
 
 
-def train_step_fn(model, loss_fn, device, dtype):
-    """One optimizer step: forward, backward, AdamW (the Trainer's settings)."""
+def train_step_fn(model, loss_fn, device, dtype, compile_loss: bool = False):
+    """One optimizer step: forward, backward, AdamW (the Trainer's settings). compile_loss: the forward and
+    loss through torch.compile (--compile; compiled during the warm-up steps, which are not timed)."""
     opt = train_utils.configure_optimizers(model, 1e-4, 0.01, device_type=device.type)
+    if compile_loss:
+        loss_fn = torch.compile(loss_fn)
 
     def step():
         with train_utils.autocast(device, dtype):
@@ -154,7 +160,7 @@ def bench_dvae(device, dtype, args):
     cfg = SIZES["dvae"]
     model = DVAE(cfg).to(device).to(memory_format=torch.channels_last)
     x = (torch.rand(16, 3, 32, 32, device=device) * 2 - 1).contiguous(memory_format=torch.channels_last)
-    step = train_step_fn(model, lambda: model(x, 0.5, 1e-3)[0], device, dtype)
+    step = train_step_fn(model, lambda: model(x, 0.5, 1e-3)[0], device, dtype, args.compile)
     s = timed(step, device, args.steps, args.warmup)
     flops = 3 * conv_flops(model, x, 0.5, 1e-3)
     return [{"stage": "dvae", "what": "train step, bench-toy batch 16", "ms": 1000 * s, "items_s": 16 / s,
@@ -168,7 +174,7 @@ def bench_clip(device, dtype, args):
     images = torch.rand(B, 3, 32, 32, device=device) * 2 - 1
     tokens = torch.randint(0, 1022, (B, cfg.context_length), device=device)
     tokens[:, -1] = cfg.eot_id
-    step = train_step_fn(model, lambda: model(images, tokens), device, dtype)
+    step = train_step_fn(model, lambda: model(images, tokens), device, dtype, args.compile)
     s = timed(step, device, args.steps, args.warmup)
     n_img, n_txt = train_utils.count_params(model.image_encoder), train_utils.count_params(model.text_encoder)
     T_img = (32 // 4) ** 2 + 1
@@ -186,7 +192,7 @@ def bench_dalle(device, dtype, args):
         model = DALLE(cfg).to(device)
         text = torch.randint(0, cfg.text_vocab - 2, (B, cfg.text_len), device=device)
         codes = torch.randint(0, cfg.image_vocab, (B, cfg.image_len), device=device)
-        step = train_step_fn(model, lambda: model(text, codes)[0], device, dtype)
+        step = train_step_fn(model, lambda: model(text, codes)[0], device, dtype, args.compile)
         s = timed(step, device, args.steps, args.warmup)
         T = cfg.text_len + cfg.image_len
         n = train_utils.count_params(model)
@@ -194,6 +200,26 @@ def bench_dalle(device, dtype, args):
         size = name.split("_")[1]
         rows.append({"stage": "dalle", "what": f"train step, bench-{size} batch {B}", "ms": 1000 * s,
                      "items_s": B / s, "tokens_s": B * T / s, "gflops": flops / s / 1e9})
+    # the attention layer alone at bench-long, forward + backward: SDPA against the written-out math. On a CPU
+    # in float32: training under CPU bf16 autocast always takes the written-out path (transformer.Attention).
+    B, T, C = 4, cfg.text_len + cfg.image_len, cfg.n_embd
+    attn = Attention(C, cfg.n_head).to(device)
+    x = torch.randn(B, T, C, device=device, requires_grad=True)
+    attn_dtype = torch.float32 if device.type == "cpu" else dtype
+    times = {}
+    for use_sdpa in (True, False):
+        def fwd_bwd():
+            with train_utils.autocast(device, attn_dtype):
+                y = attn(x, causal=True, use_sdpa=use_sdpa)
+            y.float().sum().backward()
+        times[use_sdpa] = timed(fwd_bwd, device, args.steps, args.warmup)
+    for use_sdpa, name in ((True, "SDPA"), (False, "written out")):
+        row = {"stage": "dalle", "what": f"attention layer fwd+bwd, bench-long batch {B}, {name}",
+               "ms": 1000 * times[use_sdpa], "items_s": B / times[use_sdpa], "tokens_s": B * T / times[use_sdpa],
+               "note": str(attn_dtype).replace("torch.", "")}
+        if use_sdpa:
+            row["note"] += f"; {times[False] / times[True]:.2f}× faster than written out"
+        rows.append(row)
     # sampling one image at bench-long, with and without the KV cache (the same codes either way)
     cfg = SIZES["dalle_long"]
     model = DALLE(cfg).to(device).eval()
@@ -221,7 +247,7 @@ def bench_prior(device, dtype, args):
     text_emb = nn.functional.normalize(torch.randn(B, cfg.embed_dim, generator=g), dim=-1).to(device)
     feats = torch.randn(B, cfg.text_len, cfg.text_width, generator=g).to(device)
     pad_mask = torch.ones(B, cfg.text_len, dtype=torch.bool, device=device)
-    step = train_step_fn(model, lambda: model(image_emb, text_emb, feats, pad_mask), device, dtype)
+    step = train_step_fn(model, lambda: model(image_emb, text_emb, feats, pad_mask), device, dtype, args.compile)
     s = timed(step, device, args.steps, args.warmup)
     T = cfg.text_len + 4
     flops = B * T * transformer_flops_per_token(train_utils.count_params(model), cfg.n_layer, T, cfg.n_embd)
@@ -236,7 +262,8 @@ def bench_decoder(device, dtype, args):
     x0 = torch.rand(B, 3, 32, 32, device=device) * 2 - 1
     emb = nn.functional.normalize(torch.randn(B, cfg.clip_dim, device=device), dim=-1)
     tokens = torch.randint(0, 1000, (B, cfg.text_len), device=device)
-    step = train_step_fn(model, lambda: diffusion.loss(lambda x, t: model(x, t, emb, tokens), x0), device, dtype)
+    loss_fn = lambda: diffusion.loss(lambda x, t: model(x, t, emb, tokens), x0)  # noqa: E731
+    step = train_step_fn(model, loss_fn, device, dtype, args.compile)
     s = timed(step, device, args.steps, args.warmup)
     t = torch.zeros(B, dtype=torch.long, device=device)
     flops = 3 * conv_flops(model, x0, t, emb, tokens)
@@ -267,6 +294,8 @@ def main():
     p.add_argument("--steps", type=int, default=7, help="timed steps per measurement (default: 7)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default: 2)")
     p.add_argument("--json", help="also write the results to this file")
+    p.add_argument("--compile", action="store_true",
+                   help="training steps through torch.compile (compiled in the untimed warm-up; slow to start)")
     args = p.parse_args()
     device = train_utils.pick_device(args.device)
     dtype = train_utils.pick_dtype(args.dtype, device)
