@@ -262,7 +262,8 @@ def bench_decoder(device, dtype, args):
     x0 = torch.rand(B, 3, 32, 32, device=device) * 2 - 1
     emb = nn.functional.normalize(torch.randn(B, cfg.clip_dim, device=device), dim=-1)
     tokens = torch.randint(0, 1000, (B, cfg.text_len), device=device)
-    loss_fn = lambda: diffusion.loss(lambda x, t: model(x, t, emb, tokens), x0)  # noqa: E731
+    def loss_fn():
+        return diffusion.loss(lambda x, t: model(x, t, emb, tokens), x0)
     step = train_step_fn(model, loss_fn, device, dtype, args.compile)
     s = timed(step, device, args.steps, args.warmup)
     t = torch.zeros(B, dtype=torch.long, device=device)
