@@ -223,13 +223,13 @@ def main():
             up = upsample_images(model, diffusion, low, generator=gen).float()
         bilinear = F.interpolate(low, size=x.shape[-2:], mode="bilinear", align_corners=False)
         nearest = F.interpolate(low, size=x.shape[-2:], mode="nearest")
-        k = 8
+        k = min(8, len(x))  # a small folder data set may hold fewer val images
         train_utils.save_grid(torch.cat([nearest[:k], bilinear[:k], up[:k], x[:k]]),
                               os.path.join(trainer.out, "samples.png"), nrow=k)
         return {"psnr_upsampled": psnr(up, x), "psnr_bilinear": psnr(bilinear, x)}
 
     def evaluate_decoder(model, gen, last: bool):
-        out, k = {}, 8
+        out, k = {}, min(8, len(val_images))  # a small folder data set may hold fewer val images
         model_fn = decoder_model_fn(model, val_emb[:k], val_tokens[:k].to(trainer.device), cfg.guidance_scale)
         shape = (k, cfg.out_channels, cfg.image_size, cfg.image_size)
         with train_utils.autocast(trainer.device, trainer.dtype):

@@ -230,3 +230,36 @@ def test_evaluate_dalle2(trained, tmp_path):
     assert "| dalle2_val_ddim50 |" in r.stdout
     one_line_error(run_script("-m", "nanodalle.evaluate", "--only", "dalle2", "--decoder", "/nonexistent.pt",
                               "--clip", str(tmp / "clip/ckpt.pt")), "/nonexistent.pt")
+
+
+def small_folder(root, n_train=10, n_val=2):
+    """A folder of n_train + n_val noise pictures with free-text captions: keys picked so that exactly n_val
+    of them fall in the validation split (fewer than the 8 images of a samples grid)."""
+    from nanodalle.data import in_split
+    root.mkdir()
+    rng, train, val, i = np.random.default_rng(0), 0, 0, 0
+    while train < n_train or val < n_val:
+        key, i = f"photo{i:04d}", i + 1
+        is_val = in_split(key, "val", 10)
+        if (is_val and val == n_val) or (not is_val and train == n_train):
+            continue
+        val, train = val + is_val, train + (not is_val)
+        Image.fromarray(rng.integers(0, 256, (24, 20, 3), dtype=np.uint8)).save(root / f"{key}.jpg")
+        (root / f"{key}.txt").write_text(f"Photo #{i}: a café at dusk, seen from the street\n")
+    return root
+
+
+def test_decoder_and_upsampler_train_on_a_small_folder(trained, tmp_path):
+    """Real data comes as a folder: both stages train and evaluate on one whose validation split holds
+    only 2 images (the samples grids must not assume 8), with captions in no shapes vocabulary."""
+    tmp, _ = trained
+    folder = str(small_folder(tmp_path / "photos"))
+    r = run_script("train_decoder.py", *DECODER_FLAGS, "--data", folder, "--steps", "2", "--clip",
+                   str(tmp / "clip/ckpt.pt"), "--out", str(tmp_path / "decoder"))
+    assert r.returncode == 0, r.stderr
+    assert "judge_true_emb" not in json.loads((tmp_path / "decoder/metrics.json").read_text())  # shapes only
+    assert Image.open(tmp_path / "decoder/samples.png").size == (2 * 18 + 2, 2 * 18 + 2)  # 2 val images, 2 rows
+    r = run_script("train_decoder.py", *UPSAMPLER_FLAGS, "--data", folder, "--steps", "2",
+                   "--out", str(tmp_path / "upsampler"))
+    assert r.returncode == 0, r.stderr
+    assert Image.open(tmp_path / "upsampler/samples.png").size == (2 * 34 + 2, 4 * 34 + 2)  # 4 rows of 2 32-px
