@@ -69,7 +69,11 @@ def contrastive_loss(image_features, text_features, logit_scale):
     A function, not a method, so a training script can pass features gathered from every DDP rank.
     logit_scale is the learnable log of the inverse temperature; exp(logit_scale) is clipped at 100 (§2.5).
     """
-    logits = clipped_scale(logit_scale) * image_features @ text_features.t()  # (N, N): logits[i, j] = image i · caption j
+    # In float32 even under bf16 autocast (which would cast the inputs of @ back down): with 1/τ up to 100, bf16's
+    # 8-bit mantissa puts up to ~0.4 of rounding on each logit, as much as a wrong caption's gap late in training.
+    with torch.autocast(image_features.device.type, enabled=False):
+        image_features, text_features = image_features.float(), text_features.float()
+        logits = clipped_scale(logit_scale.float()) * image_features @ text_features.t()  # (N, N): image i · caption j
     labels = torch.arange(logits.size(0), device=logits.device)  # the right answer of row i and column i is i
     loss_i = F.cross_entropy(logits, labels)  # each image: which of the N captions is its own?
     loss_t = F.cross_entropy(logits.t(), labels)  # each caption: which of the N images is its own?

@@ -97,6 +97,14 @@ def test_loss_equals_numpy_symmetric_cross_entropy():
     # the two directions differ in general: a loss over rows only would fail here
     rows_only = torch.nn.functional.cross_entropy(3.0 * a @ b.t(), torch.arange(9)).item()
     assert abs(rows_only - got) > 1e-3
+    # under bf16 autocast (training's default on CPU) bf16 features give the float32 loss of those same values,
+    # at the largest inverse temperature, 100 (bf16 logits put this loss of ~42 off by ~0.01)
+    a16, b16 = a.bfloat16(), b.bfloat16()
+    with torch.autocast("cpu", torch.bfloat16):
+        got16 = contrastive_loss(a16, b16, torch.tensor(math.log(100.0)))
+    assert got16.dtype == torch.float32
+    expected16 = np_symmetric_ce(a16.float().numpy(), b16.float().numpy(), 100.0)
+    assert math.isclose(got16.item(), expected16, rel_tol=1e-5), (got16.item(), expected16)
 
 
 def test_logit_scale_init_and_clip_at_100():
