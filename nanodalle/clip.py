@@ -14,6 +14,7 @@ embedding space (`encode_text`, `encode_image`). Both encoders are nanodalle.tra
 The layout follows openai/CLIP's model.py (VisionTransformer, encode_text), so the `full` preset has
 ViT-L/14's 427.6M parameters. Shapes: B batch, T tokens, C width, D embedding, H W image, p patch size.
 """
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -70,8 +71,9 @@ def contrastive_loss(image_features, text_features, logit_scale):
     logit_scale is the learnable log of the inverse temperature; exp(logit_scale) is clipped at 100 (§2.5).
     """
     # In float32 even under bf16 autocast (which would cast the inputs of @ back down): with 1/τ up to 100, bf16's
-    # 8-bit mantissa puts up to ~0.4 of rounding on each logit, as much as a wrong caption's gap late in training.
-    with torch.autocast(image_features.device.type, enabled=False):
+    # 8-bit mantissa puts up to ~0.4 of rounding on each logit.
+    device = image_features.device.type  # "meta" (the dry runs' memory estimate) has no autocast to switch off
+    with torch.autocast(device, enabled=False) if device != "meta" else contextlib.nullcontext():
         image_features, text_features = image_features.float(), text_features.float()
         logits = clipped_scale(logit_scale.float()) * image_features @ text_features.t()  # (N, N): image i · caption j
     labels = torch.arange(logits.size(0), device=logits.device)  # the right answer of row i and column i is i
