@@ -72,8 +72,11 @@ def contrastive_loss(image_features, text_features, logit_scale):
     """
     # In float32 even under bf16 autocast (which would cast the inputs of @ back down): with 1/τ up to 100, bf16's
     # 8-bit mantissa puts up to ~0.4 of rounding on each logit.
-    device = image_features.device.type  # "meta" (the dry runs' memory estimate) has no autocast to switch off
-    with torch.autocast(device, enabled=False) if device != "meta" else contextlib.nullcontext():
+    device = image_features.device.type
+    no_autocast = contextlib.nullcontext()  # "meta" (the dry runs' memory estimate) has no autocast to switch off
+    if device != "meta":
+        no_autocast = torch.autocast(device, enabled=False)
+    with no_autocast:
         image_features, text_features = image_features.float(), text_features.float()
         logits = clipped_scale(logit_scale.float()) * image_features @ text_features.t()  # (N, N): image i · caption j
     labels = torch.arange(logits.size(0), device=logits.device)  # the right answer of row i and column i is i
