@@ -104,6 +104,18 @@ def test_gumbel_max_frequencies_match_softmax():
     assert chi2 < 25, chi2
 
 
+def test_gumbel_softmax_of_bfloat16_logits_is_float32():
+    """bf16 logits (autocast) are sampled in float32: the same draw as from the float32 logits, bit for bit."""
+    logits = (4 * torch.randn(4, 16, 3, 3)).bfloat16()
+    torch.manual_seed(0)
+    with torch.autocast("cpu", torch.bfloat16):
+        out = gumbel_softmax(logits, tau=1 / 16)
+    torch.manual_seed(0)
+    expected = gumbel_softmax(logits.float(), tau=1 / 16)
+    assert out.dtype == torch.float32
+    assert torch.equal(out, expected)
+
+
 # ----------------------------------------------------------------------------------------------------
 # KL to the uniform prior
 
