@@ -19,7 +19,7 @@ from nanodalle.evaluate import evaluate_dvae
 # Training settings per preset. Paper (App. A.2): AdamW (0.9, 0.999, 1e-8), wd 1e-4, lr 1e-4 cosine to
 # 1.25e-6, batch 512, 3M updates. The toy preset trades those for speed on a 2-core CPU.
 TRAIN = {
-    "toy": dict(steps=4000, batch_size=32, lr=2e-3, min_lr_frac=0.05, weight_decay=1e-4),
+    "toy": dict(steps=2200, batch_size=32, lr=2e-3, min_lr_frac=0.05, weight_decay=1e-4),
     "small": dict(steps=200_000, batch_size=64, lr=1e-4, min_lr_frac=0.0125, weight_decay=1e-4),
     "full": dict(steps=3_000_000, batch_size=8, lr=1e-4, min_lr_frac=0.0125, weight_decay=1e-4),  # 8/GPU × 64
 }

@@ -111,7 +111,8 @@ class DALLE1:
 
 def add_dalle1_sampling_args(parser) -> None:
     """The flags of DALL-E 1 sampling (sample.py, evaluate.py); check_dalle1_sampling reads them."""
-    parser.add_argument("--temperature", type=float, default=1.0, help="(default: 1.0; the paper samples at 1)")
+    parser.add_argument("--temperature", type=float,
+                        help="(default: the model's, saved with it: toy 0.7, small and full 1 as in the paper)")
     parser.add_argument("--top-k", type=int, help="sample among the k most likely codes only (default: off)")
     parser.add_argument("--top-p", type=float, help="nucleus sampling: the smallest set of codes with this mass")
     parser.add_argument("--cond-scale", type=float, default=1.0,
@@ -120,7 +121,7 @@ def add_dalle1_sampling_args(parser) -> None:
 
 def check_dalle1_sampling(args) -> dict:
     """A one-line UserError for an impossible setting, else the kwargs of DALLE1.generate."""
-    if args.temperature < 0:
+    if args.temperature is not None and args.temperature < 0:
         raise UserError(f"--temperature {args.temperature}: must be ≥ 0 (0 = always the most likely code)")
     if args.top_k is not None and args.top_k < 1:
         raise UserError(f"--top-k {args.top_k}: must be ≥ 1")

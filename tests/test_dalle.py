@@ -211,6 +211,15 @@ def test_generation_is_deterministic_under_a_seed():
     assert torch.equal(a, b)
 
 
+def test_generation_defaults_to_the_configs_temperature():
+    model = tiny(temperature=0.5)
+    text = captions()
+    default = model.generate(text, generator=torch.Generator().manual_seed(4))
+    half = model.generate(text, generator=torch.Generator().manual_seed(4), temperature=0.5)
+    one = model.generate(text, generator=torch.Generator().manual_seed(4), temperature=1.0)
+    assert torch.equal(default, half) and not torch.equal(default, one)
+
+
 def test_sample_logits_filters():
     torch.manual_seed(0)
     logits = torch.randn(4, 20)

@@ -254,7 +254,7 @@ def tiny_model(seed=0, **kw):
 
 
 def test_preset_grid_sizes():
-    assert DVAEConfig(**PRESETS["toy"]).grid_size == 8      # 32 px -> 8×8
+    assert DVAEConfig(**PRESETS["toy"]).grid_size == 16     # 32 px -> 16×16
     assert DVAEConfig(**PRESETS["small"]).grid_size == 16   # 128 px -> 16×16
     assert DVAEConfig(**PRESETS["full"]).grid_size == 32    # 256 px -> 32×32 (DALL-E)
     assert DVAEConfig(image_size=16, group_count=2).grid_size == 8
