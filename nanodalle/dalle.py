@@ -61,7 +61,7 @@ class DALLEConfig:
 
 PRESETS = {
     # 32 px images as the toy dVAE's 16×16 codes (K = 512) after 20 caption tokens, a 276-token stream, with
-    # the paper's sparse masks (a 5×5 conv window on a 16×16 grid): trains on a 2-core CPU in 12-20 minutes, and a
+    # the paper's sparse masks (a 5×5 conv window on a 16×16 grid): trains on a 2-core CPU in 20 minutes, and a
     # lower temperature draws cleaner outlines from a model this short-trained (README, results).
     "toy": dict(text_len=20, grid_size=16, image_vocab=512, n_layer=4, n_head=6, n_embd=192, attention="sparse",
                 conv_kernel=5, temperature=0.7),
