@@ -157,11 +157,11 @@ def gumbel_softmax(logits: torch.Tensor, tau: float, hard: bool = False, dim: in
 
     As τ -> 0 the samples approach one-hots drawn from softmax(logits) (the Gumbel-max trick).
     hard=True returns exact one-hots whose gradient is the relaxed sample's (straight-through).
-    Computed in float32 whatever the logits' dtype: in bfloat16 (autocast), the uniform draws would have 8 bits,
-    cutting off the Gumbel tail, and dividing by a small τ (1/16) would magnify the rounding of logits + g to
-    about ±0.5 (the toy 16×16 dVAE trained in bf16 lost 1.9 dB of PSNR and half its codebook perplexity).
+    Computed in float32 (or float64) whatever the logits' dtype: in bfloat16 (autocast), the uniform draws would
+    have 8 bits, cutting off the Gumbel tail, and dividing by a small τ (1/16) would magnify the rounding of
+    logits + g to about ±0.5 (the toy 16×16 dVAE trained in bf16 lost 1.9 dB of PSNR and half its perplexity).
     """
-    logits = logits.float()
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> float32; float64 stays
     uniform = torch.rand_like(logits).clamp_(1e-10, 1.0)  # clamp: log(0) would give inf
     gumbels = -torch.log(-torch.log(uniform))
     soft = F.softmax((logits + gumbels) / tau, dim=dim)
