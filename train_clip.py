@@ -1,6 +1,6 @@
 """Train CLIP (nanodalle/clip.py): the shared image-text embedding of DALL-E 1 (reranking) and unCLIP.
 
-    python train_clip.py                      # toy preset on the built-in shapes, ~10 minutes on a 2-core CPU
+    python train_clip.py                      # toy preset on the built-in shapes, ~8 minutes on a 2-core CPU
     python train_clip.py --data my_images/ --size small
     torchrun --nproc_per_node 8 train_clip.py --size full --data shards/
     python train_clip.py --size full --dry-run
@@ -13,12 +13,16 @@ Writes OUT/ckpt.pt (with the tokenizer's state under "tokenizer"), OUT/log.jsonl
 The contrastive batch. Each caption's negatives are the other images of its batch, so the batch size is part
 of the objective (CLIP used 32,768). With DDP every rank all-gathers the features of all ranks and computes
 the loss over the global batch (world size × --batch-size pairs): see gather_features. Gradient
-accumulation does NOT enlarge the contrastive batch: each micro-batch's negatives are only its own.
+accumulation does NOT enlarge the contrastive batch: each micro-batch's negatives are only its own. On the
+built-in shapes each image also has a hard-negative caption, one edit from its own (shapes.hard_negative), among
+the captions it must choose from (NegCLIP); --no-hard-negatives turns them off.
 """
+import random
+
 import torch
 import torch.distributed as dist
 
-from nanodalle import checkpoint, data, flags, train_utils
+from nanodalle import checkpoint, data, flags, shapes, train_utils
 from nanodalle.clip import CLIP, CLIPConfig, PRESETS
 from nanodalle.evaluate import evaluate_clip
 
@@ -48,8 +52,9 @@ class _ScaleGrad(torch.autograd.Function):
         return grad * ctx.scale, None
 
 
-def gather_features(image_features, text_features):
-    """All-gather (B, D) features from the W DDP ranks into (W·B, D), in rank order: the global batch.
+def gather_features(*features):
+    """All-gather (B, D) features (images, captions, hard negatives) from the W DDP ranks into (W·B, D), in rank
+    order: the global batch.
 
     dist.all_gather returns copies without gradient, so the local slice is replaced by the local tensors
     (open_clip's trick): every rank computes the same global loss L and back-propagates into its own
@@ -59,7 +64,7 @@ def gather_features(image_features, text_features):
     """
     world, rank = dist.get_world_size(), dist.get_rank()
     gathered = []
-    for x in (image_features, text_features):
+    for x in features:
         parts = [torch.empty_like(x) for _ in range(world)]
         dist.all_gather(parts, x.detach().contiguous())  # every rank's (B, D), no gradient
         parts[rank] = _ScaleGrad.apply(x, world)
@@ -72,6 +77,8 @@ def main():
     parser.add_argument("--tokenizer", help="a .tiktoken file or tiktoken encoding name (default: the shipped "
                                             "vocabulary; on --resume the checkpoint's)")
     parser.add_argument("--text-len", type=int, help="tokens per caption, eot included (default: context_length)")
+    parser.add_argument("--no-hard-negatives", action="store_true",
+                        help="built-in shapes: train without a one-edit negative caption per pair (shapes.hard_negative)")
     args = parser.parse_args()
     cfg = flags.config_from_args(CLIPConfig, PRESETS, args)
     if args.dry_run:
@@ -107,11 +114,22 @@ def main():
     loader = data.loader(train_set, args.batch_size, trainer.rank, trainer.world_size,
                          seed=args.seed + trainer.step, num_workers=args.num_workers,
                          pin_memory=trainer.device.type == "cuda")
-    batches = ((images, tokenizer.encode_batch(captions, text_len)) for images, captions in loader)
+    # Hard negatives (NegCLIP, Yuksekgonul et al. 2023 §5): on the built-in shapes each pair also brings a
+    # caption one edit away (another shape, or the colours swapped) that its image must score below its own.
+    negatives = args.data == "shapes" and not args.no_hard_negatives
+    negative_rng = random.Random(f"negatives/{args.seed}/{trainer.rank}/{trainer.step}")
+
+    def make_batch(images, captions):
+        tokens = tokenizer.encode_batch(captions, text_len)  # (B, T)
+        if not negatives:
+            return images, tokens, None
+        return images, tokens, tokenizer.encode_batch([shapes.hard_negative(c, negative_rng) for c in captions], text_len)
+    batches = (make_batch(images, captions) for images, captions in loader)
 
     def loss_fn(model, batch, step):
-        images, tokens = batch  # (B, 3, H, W), (B, T)
-        loss = model(images, tokens, gather=gather_features if trainer.distributed else None)
+        images, tokens, negative_tokens = batch  # (B, 3, H, W), (B, T), (B, T) or None
+        loss = model(images, tokens, gather=gather_features if trainer.distributed else None,
+                     negative_tokens=negative_tokens)
         return loss, {"scale": raw.scale().detach()}  # 1/τ, the learned inverse temperature
 
     def evaluate(step):

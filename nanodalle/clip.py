@@ -46,7 +46,7 @@ class CLIPConfig:
 
 
 PRESETS = {
-    # 32 px, 4×4 patches of 8 px: trains on a 2-core CPU in ~13 minutes on the built-in shapes. The text
+    # 32 px, 4×4 patches of 8 px: trains on a 2-core CPU in ~8 minutes on the built-in shapes. The text
     # encoder is narrow (its ~40 words are easy) so the steps go to the image encoder: small shapes are hard.
     "toy": dict(image_size=32, patch_size=8, vision_width=128, vision_layers=4, vision_heads=4,
                 text_width=64, text_layers=2, text_heads=2, context_length=20, embed_dim=128),
@@ -64,11 +64,13 @@ PRESETS = {
 }
 
 
-def contrastive_loss(image_features, text_features, logit_scale):
+def contrastive_loss(image_features, text_features, logit_scale, negative_features=None):
     """Symmetric InfoNCE of N pairs (CLIP Figure 3): features (N, D), L2-normalised, row i of both is pair i.
 
     A function, not a method, so a training script can pass features gathered from every DDP rank.
     logit_scale is the learnable log of the inverse temperature; exp(logit_scale) is clipped at 100 (§2.5).
+    negative_features (M, D): captions that match no image (hard negatives, NegCLIP §5), appended to the N
+    captions each image chooses among; the captions' side of the loss is unchanged.
     """
     # In float32 even under bf16 autocast (which would cast the inputs of @ back down): with 1/τ up to 100, bf16's
     # 8-bit mantissa puts up to ~0.4 of rounding on each logit.
@@ -79,8 +81,12 @@ def contrastive_loss(image_features, text_features, logit_scale):
     with no_autocast:
         image_features, text_features = image_features.float(), text_features.float()
         logits = clipped_scale(logit_scale.float()) * image_features @ text_features.t()  # (N, N): image i · caption j
+        logits_i = logits
+        if negative_features is not None:
+            negatives = clipped_scale(logit_scale.float()) * image_features @ negative_features.float().t()  # (N, M)
+            logits_i = torch.cat([logits, negatives], dim=1)  # (N, N + M)
     labels = torch.arange(logits.size(0), device=logits.device)  # the right answer of row i and column i is i
-    loss_i = F.cross_entropy(logits, labels)  # each image: which of the N captions is its own?
+    loss_i = F.cross_entropy(logits_i, labels)  # each image: which of the N (+ M) captions is its own?
     loss_t = F.cross_entropy(logits.t(), labels)  # each caption: which of the N images is its own?
     return (loss_i + loss_t) / 2
 
@@ -201,13 +207,17 @@ class CLIP(nn.Module):
         features = self.text_encoder.features(tokens)  # (B, T, C)
         return F.normalize(self.text_encoder.project(tokens, features), dim=-1), features
 
-    def forward(self, images, tokens, gather=None):
-        """The contrastive loss of a batch of pairs. `gather` (DDP): a function mapping the local
-        (image, text) features to those of the global batch, e.g. train_clip.gather_features."""
-        image_features, text_features = self.encode_image(images), self.encode_text(tokens)
+    def forward(self, images, tokens, gather=None, negative_tokens=None):
+        """The contrastive loss of a batch of pairs, and of hard-negative captions when given (M, T).
+        `gather` (DDP): a function mapping the local features to those of the global batch, e.g.
+        train_clip.gather_features."""
+        features = [self.encode_image(images), self.encode_text(tokens)]
+        if negative_tokens is not None:
+            features.append(self.encode_text(negative_tokens))
         if gather is not None:
-            image_features, text_features = gather(image_features, text_features)
-        return contrastive_loss(image_features, text_features, self.logit_scale)
+            features = gather(*features)
+        negative_features = features[2] if negative_tokens is not None else None
+        return contrastive_loss(features[0], features[1], self.logit_scale, negative_features)
 
     # --- using a trained model: strings in, tokenized with self.tokenizer ---------------------------
 

@@ -153,6 +153,31 @@ def caption(scene: Scene, rng: random.Random) -> str:
     return text
 
 
+def hard_negative(text: str, rng: random.Random) -> str:
+    """A caption one edit away from `text` that its image does not show: one object's shape word replaced
+    by another shape, or (two objects, half the time) the two colour words swapped.
+
+    For CLIP's training, as NegCLIP's swapped captions (Yuksekgonul et al. 2023 §5): a random batch seldom
+    holds two captions that differ only in one shape, so the plain contrastive loss is solved by colour and
+    place and never asks the image encoder for the exact outline, which is what reranking DALL-E 1's
+    samples needs. No edit makes a held-out colour-shape pair, so training never reads one."""
+    words = text.split(" ")
+    at = [i for i, w in enumerate(words) if w in SHAPES and words[i - 1] in COLORS]  # "... red star ..."
+    if not at:
+        raise ValueError(f"not a caption of the built-in shapes: {text!r}")
+
+    def allowed(color, shape):
+        return (color, shape) not in HELDOUT_PAIRS
+    if len(at) == 2 and rng.random() < 0.5:
+        a, b = at
+        if allowed(words[b - 1], words[a]) and allowed(words[a - 1], words[b]):
+            words[a - 1], words[b - 1] = words[b - 1], words[a - 1]
+            return " ".join(words)
+    i = rng.choice(at)
+    words[i] = rng.choice([s for s in SHAPES if s != words[i] and allowed(words[i - 1], s)])
+    return " ".join(words)
+
+
 # ----------------------------------------------------------------------------- rendering
 def _layout(scene: Scene, rng: random.Random | None) -> list[tuple[float, float, float]]:
     """(x, y, side) of each object's bounding box, in fractions of the image; rng=None gives no jitter."""

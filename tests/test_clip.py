@@ -107,6 +107,29 @@ def test_loss_equals_numpy_symmetric_cross_entropy():
     assert math.isclose(got16.item(), expected16, rel_tol=1e-5), (got16.item(), expected16)
 
 
+def test_loss_with_hard_negatives_equals_independent_computation():
+    """Negative captions join each image's softmax (NegCLIP §5); the captions' side is the plain loss."""
+    g = torch.Generator().manual_seed(1)
+    img, txt, neg = (torch.nn.functional.normalize(torch.randn(n, 5, generator=g), dim=-1) for n in (7, 7, 4))
+    got = contrastive_loss(img, txt, torch.tensor(math.log(4.0)), neg).item()
+    logits_i = 4.0 * img.double() @ torch.cat([txt, neg]).double().t()  # (7, 11)
+    logits_t = 4.0 * txt.double() @ img.double().t()  # (7, 7)
+    loss_i = -np.mean([(logits_i[i, i] - torch.logsumexp(logits_i[i], 0)).item() for i in range(7)])
+    loss_t = -np.mean([(logits_t[i, i] - torch.logsumexp(logits_t[i], 0)).item() for i in range(7)])
+    assert math.isclose(got, (loss_i + loss_t) / 2, rel_tol=1e-5)
+    # a negative equal to an image's own caption halves that image's probability: the loss must rise
+    harder = contrastive_loss(img, txt, torch.tensor(math.log(4.0)), txt[:4]).item()
+    assert harder > contrastive_loss(img, txt, torch.tensor(math.log(4.0))).item() + 0.1
+    # the model's forward encodes and appends them
+    model = tiny_model()
+    images = torch.rand(5, 3, 16, 16, generator=g) * 2 - 1
+    tokens, _ = random_tokens(model, 5, 12, g)
+    negatives, _ = random_tokens(model, 5, 12, g)
+    expected = contrastive_loss(model.encode_image(images), model.encode_text(tokens), model.logit_scale,
+                                model.encode_text(negatives))
+    assert torch.allclose(model(images, tokens, negative_tokens=negatives), expected)
+
+
 def test_logit_scale_init_and_clip_at_100():
     model = tiny_model()
     assert math.isclose(model.scale().item(), 1 / 0.07, rel_tol=1e-5)  # CLIP §2.5
@@ -212,7 +235,8 @@ def ddp_batch(seed, B=4):
     g = torch.Generator().manual_seed(seed)
     images = torch.rand(B, 3, 16, 16, generator=g) * 2 - 1
     tokens, _ = random_tokens(tiny_model(), B, 12, g)
-    return images, tokens
+    negatives, _ = random_tokens(tiny_model(), B, 12, g)  # hard-negative captions (gathered too)
+    return images, tokens, negatives
 
 
 def _ddp_worker(rank, tmp, port):
@@ -221,8 +245,8 @@ def _ddp_worker(rank, tmp, port):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
     dist.init_process_group("gloo")
     model = torch.nn.parallel.DistributedDataParallel(tiny_model())
-    images, tokens = ddp_batch(100 + rank)
-    loss = model(images, tokens, gather=train_clip.gather_features)
+    images, tokens, negatives = ddp_batch(100 + rank)
+    loss = model(images, tokens, gather=train_clip.gather_features, negative_tokens=negatives)
     loss.backward()
     grads = {k: p.grad for k, p in model.module.named_parameters()}
     torch.save({"loss": loss.item(), "grads": grads}, f"{tmp}/rank{rank}.pt")
@@ -235,12 +259,12 @@ def test_ddp_gather_equals_one_process_on_the_whole_batch(tmp_path):
     mp.spawn(_ddp_worker, args=(str(tmp_path), free_port()), nprocs=2, join=True)
     r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     model = tiny_model()
-    (i0, t0), (i1, t1) = ddp_batch(100), ddp_batch(101)
-    loss = model(torch.cat([i0, i1]), torch.cat([t0, t1]))
+    (i0, t0, n0), (i1, t1, n1) = ddp_batch(100), ddp_batch(101)
+    loss = model(torch.cat([i0, i1]), torch.cat([t0, t1]), negative_tokens=torch.cat([n0, n1]))
     loss.backward()
     assert math.isclose(r0["loss"], loss.item(), rel_tol=1e-6) and math.isclose(r1["loss"], loss.item(), rel_tol=1e-6)
     # a per-rank loss (4 pairs, not 8) would differ
-    assert not math.isclose(model(i0, t0).item(), loss.item(), rel_tol=1e-3)
+    assert not math.isclose(model(i0, t0, negative_tokens=n0).item(), loss.item(), rel_tol=1e-3)
     for name, p in model.named_parameters():
         torch.testing.assert_close(r0["grads"][name], r1["grads"][name], atol=0, rtol=0)  # DDP's all-reduce
         torch.testing.assert_close(r0["grads"][name], p.grad, atol=1e-5, rtol=1e-4, msg=name)

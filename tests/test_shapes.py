@@ -54,6 +54,32 @@ def test_scenes_and_captions():
     assert len(vocab) < 60  # a small vocabulary that toy models learn quickly
 
 
+def test_hard_negative_is_one_edit_the_image_does_not_show():
+    rng = random.Random(0)
+    kinds = set()
+    for text, sc in S.eval_records("train", 400):
+        neg = S.hard_negative(text, rng)
+        a, b = text.split(" "), neg.split(" ")
+        assert len(a) == len(b) and neg != text
+        changed = [i for i in range(len(a)) if a[i] != b[i]]
+        if len(changed) == 1:  # one shape word replaced by another shape
+            assert a[changed[0]] in S.SHAPES and b[changed[0]] in S.SHAPES
+            kinds.add("shape")
+        else:  # the two objects' colours swapped
+            i, j = changed
+            assert len(sc.objects) == 2 and (b[i], b[j]) == (a[j], a[i]) and a[i] in S.COLORS
+            kinds.add("swap")
+        # the negative names no held-out pair (CLIP trains on it), and in the caption's order the objects it
+        # names differ from the scene's (the same shapes with colours swapped: the relation no longer holds)
+        def named(words):
+            return [(words[k - 1], words[k]) for k in range(1, len(words)) if words[k] in S.SHAPES]
+        assert not set(named(b)) & set(S.HELDOUT_PAIRS)
+        assert sorted(named(a)) == sorted((o.color, o.shape) for o in sc.objects) and named(b) != named(a)
+    assert kinds == {"shape", "swap"}
+    with pytest.raises(ValueError):
+        S.hard_negative("a photo of my cat", rng)
+
+
 @pytest.mark.parametrize("size", [32, 64, 128, 256])
 def test_render_sizes(size):
     img, _, sc = S.example(3, "train", size)
