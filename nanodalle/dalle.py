@@ -64,7 +64,7 @@ PRESETS = {
     # the paper's sparse masks (a 5×5 conv window on a 16×16 grid): trains on a 2-core CPU in 20 minutes, and a
     # lower temperature draws cleaner outlines from a model this short-trained (README, results).
     "toy": dict(text_len=20, grid_size=16, image_vocab=512, n_layer=4, n_head=6, n_embd=192, attention="sparse",
-                conv_kernel=5, temperature=0.7),
+                conv_kernel=5, temperature=0.5),
     # 128 px as 16×16 codes, K = 2048, 12 layers 768 wide (GPT-2 small): one GPU, hours
     "small": dict(text_len=64, grid_size=16, image_vocab=2048, n_layer=12, n_head=12, n_embd=768,
                   attention="sparse", conv_kernel=5),
@@ -230,7 +230,7 @@ class DALLE(nn.Module):
         """Sample the image codes (B, N) for captions `text` (B, L), one code at a time.
 
         prompt_codes (B, r): the first r codes are given (e.g. the top rows of an image, §3.3) and kept.
-        temperature None: the config's (toy 0.7, else the paper's 1). cond_scale ≠ 1: classifier-free
+        temperature None: the config's (toy 0.5, else the paper's 1). cond_scale ≠ 1: classifier-free
         guidance, logits = null + s · (cond − null), the null stream reading an empty caption. use_cache=False
         recomputes the whole stream at every step (for testing and benchmarks: both give the same codes).
         """

@@ -112,7 +112,7 @@ class DALLE1:
 def add_dalle1_sampling_args(parser) -> None:
     """The flags of DALL-E 1 sampling (sample.py, evaluate.py); check_dalle1_sampling reads them."""
     parser.add_argument("--temperature", type=float,
-                        help="(default: the model's, saved with it: toy 0.7, small and full 1 as in the paper)")
+                        help="(default: the model's, saved with it: toy 0.5, small and full 1 as in the paper)")
     parser.add_argument("--top-k", type=int, help="sample among the k most likely codes only (default: off)")
     parser.add_argument("--top-p", type=float, help="nucleus sampling: the smallest set of codes with this mass")
     parser.add_argument("--cond-scale", type=float, default=1.0,
