@@ -123,7 +123,8 @@ def main():
         tokens = tokenizer.encode_batch(captions, text_len)  # (B, T)
         if not negatives:
             return images, tokens, None
-        return images, tokens, tokenizer.encode_batch([shapes.hard_negative(c, negative_rng) for c in captions], text_len)
+        negative_captions = [shapes.hard_negative(c, negative_rng) for c in captions]
+        return images, tokens, tokenizer.encode_batch(negative_captions, text_len)  # (B, T) each
     batches = (make_batch(images, captions) for images, captions in loader)
 
     def loss_fn(model, batch, step):

@@ -80,10 +80,11 @@ def contrastive_loss(image_features, text_features, logit_scale, negative_featur
         no_autocast = torch.autocast(device, enabled=False)
     with no_autocast:
         image_features, text_features = image_features.float(), text_features.float()
-        logits = clipped_scale(logit_scale.float()) * image_features @ text_features.t()  # (N, N): image i · caption j
+        scale = clipped_scale(logit_scale.float())
+        logits = scale * image_features @ text_features.t()  # (N, N): image i · caption j
         logits_i = logits
         if negative_features is not None:
-            negatives = clipped_scale(logit_scale.float()) * image_features @ negative_features.float().t()  # (N, M)
+            negatives = scale * image_features @ negative_features.float().t()  # (N, M): image i · negative j
             logits_i = torch.cat([logits, negatives], dim=1)  # (N, N + M)
     labels = torch.arange(logits.size(0), device=logits.device)  # the right answer of row i and column i is i
     loss_i = F.cross_entropy(logits_i, labels)  # each image: which of the N (+ M) captions is its own?

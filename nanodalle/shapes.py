@@ -168,6 +168,7 @@ def hard_negative(text: str, rng: random.Random) -> str:
 
     def allowed(color, shape):
         return (color, shape) not in HELDOUT_PAIRS
+
     if len(at) == 2 and rng.random() < 0.5:
         a, b = at
         if allowed(words[b - 1], words[a]) and allowed(words[a - 1], words[b]):

@@ -55,6 +55,8 @@ def test_scenes_and_captions():
 
 
 def test_hard_negative_is_one_edit_the_image_does_not_show():
+    def named(words):  # the (colour, shape) pairs a caption names, in its order
+        return [(words[k - 1], words[k]) for k in range(1, len(words)) if words[k] in S.SHAPES]
     rng = random.Random(0)
     kinds = set()
     for text, sc in S.eval_records("train", 400):
@@ -71,8 +73,6 @@ def test_hard_negative_is_one_edit_the_image_does_not_show():
             kinds.add("swap")
         # the negative names no held-out pair (CLIP trains on it), and in the caption's order the objects it
         # names differ from the scene's (the same shapes with colours swapped: the relation no longer holds)
-        def named(words):
-            return [(words[k - 1], words[k]) for k in range(1, len(words)) if words[k] in S.SHAPES]
         assert not set(named(b)) & set(S.HELDOUT_PAIRS)
         assert sorted(named(a)) == sorted((o.color, o.shape) for o in sc.objects) and named(b) != named(a)
     assert kinds == {"shape", "swap"}
