@@ -21,6 +21,7 @@ KV cache. To sample one token at a time, keys and values of past positions are k
 length..length+T-1 and attend to keys 0..length+T-1, so masks are still indexed by absolute position.
 """
 import math
+import time
 
 import torch
 import torch.nn as nn
@@ -57,17 +58,46 @@ class KVCache:
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]  # (B, nh, end, hs)
 
 
+# Whether `linear` computes a few rows as W @ xᵀ on this CPU: None until measured once (few_rows_as_gemm).
+FEW_ROWS_AS_GEMM = None
+
+
+def few_rows_as_gemm() -> bool:
+    """Is W @ xᵀ (two columns) faster than x @ Wᵀ (one row) on this CPU? Timed once per process, like cuDNN's
+    benchmark mode, on a 4 MB matrix: the answer is a fact of the CPU and its BLAS, not of the model. On a
+    2-core AMD EPYC W @ xᵀ read weights about twice as fast (~26 against ~13 GB/s); on a 2-core Intel Xeon
+    x @ Wᵀ was four times faster (49 against 12.6 GB/s) (README, Speed)."""
+    global FEW_ROWS_AS_GEMM
+    if FEW_ROWS_AS_GEMM is None:
+        w, x = torch.randn(1024, 1024), torch.randn(1, 1024)
+        x2 = torch.cat([x, x])
+
+        def median_time(f):
+            times = []
+            for _ in range(7):
+                t0 = time.perf_counter()
+                f()
+                times.append(time.perf_counter() - t0)
+            return sorted(times)[3]
+        with torch.no_grad():
+            median_time(lambda: x @ w.t())  # warm up both
+            median_time(lambda: w @ x2.t())
+            FEW_ROWS_AS_GEMM = median_time(lambda: w @ x2.t()) < median_time(lambda: x @ w.t())
+    return FEW_ROWS_AS_GEMM
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ weightᵀ + bias, like F.linear, with a faster path for a few rows on the CPU.
+    """x @ weightᵀ + bias, like F.linear, with another path for a few rows on the CPU where it is faster.
 
     KV-cached decoding feeds one new token per image: x @ Wᵀ has only B rows and its cost is reading W once.
-    On the CPU, PyTorch computes it as x @ Wᵀ, which MKL runs on one core for these shapes (a single row
-    is a GEMV, ~13 GB/s here); the same product written as W @ xᵀ with at least two columns runs on every
-    core and reads W about twice as fast (bench.py; README, efficiency notes). Same math, rounding ~1e-7.
+    On some CPUs PyTorch's x @ Wᵀ runs on one core for these shapes (a single row is a GEMV, ~13 GB/s on the
+    EPYC), while the same product written as W @ xᵀ with at least two columns runs on every core and reads W
+    about twice as fast; on others it is the other way round, so few_rows_as_gemm() measures which, once (bench.py;
+    README, efficiency notes). Same math, rounding ~1e-7.
     """
     rows = x.numel() // x.size(-1)
-    if x.device.type != "cpu" or not 0 < rows <= 16 or torch.is_grad_enabled():
-        return F.linear(x, weight, bias)  # training, prompts, GPUs: the usual x @ Wᵀ + b
+    if x.device.type != "cpu" or not 0 < rows <= 16 or torch.is_grad_enabled() or not few_rows_as_gemm():
+        return F.linear(x, weight, bias)  # training, prompts, GPUs, CPUs whose GEMV is fast: x @ Wᵀ + b
     x2 = x.reshape(rows, -1)  # (rows, in)
     if rows == 1:
         x2 = torch.cat([x2, x2])  # a second (copied) column: W @ xᵀ then goes to the multi-core GEMM

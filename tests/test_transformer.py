@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from nanodalle import transformer
 from nanodalle.transformer import MLP, Attention, Block, KVCache, Linear, Transformer, build_mask, init_weights, linear
 
 B, T, C, NH = 3, 12, 32, 4
@@ -310,9 +311,10 @@ def test_autocast_bf16(use_sdpa):
 
 @pytest.mark.parametrize("shape", [(1, 1, 48), (2, 1, 48), (8, 1, 48), (1, 48), (3, 6, 48), (40, 48)])
 @pytest.mark.parametrize("bias", [True, False])
-def test_linear_few_rows_path(shape, bias):
+def test_linear_few_rows_path(shape, bias, monkeypatch):
     """Linear's CPU path for ≤ 16 rows without grad (W @ xᵀ) equals nn.Linear's x @ Wᵀ + b, same shape,
     a contiguous result; with grad on, it is nn.Linear exactly and gradients flow."""
+    monkeypatch.setattr(transformer, "FEW_ROWS_AS_GEMM", True)  # the W @ xᵀ path, whichever this CPU prefers
     torch.manual_seed(0)
     lin = Linear(48, 24, bias=bias)
     ref = torch.nn.Linear(48, 24, bias=bias)
@@ -328,8 +330,11 @@ def test_linear_few_rows_path(shape, bias):
     assert x.grad is not None and lin.weight.grad is not None
 
 
-def test_linear_function_matches_f_linear():
-    """transformer.linear (used by DALL-E's image head too) equals F.linear on few and many rows, no grad."""
+@pytest.mark.parametrize("as_gemm", [True, False])
+def test_linear_function_matches_f_linear(as_gemm, monkeypatch):
+    """transformer.linear (used by DALL-E's image head too) equals F.linear on few and many rows, no grad,
+    whichever way a few rows are computed."""
+    monkeypatch.setattr(transformer, "FEW_ROWS_AS_GEMM", as_gemm)
     torch.manual_seed(0)
     w, b = torch.randn(24, 48), torch.randn(24)
     for shape in [(1, 1, 48), (5, 48), (2, 40, 48), (2, 0, 48)]:
@@ -338,3 +343,10 @@ def test_linear_function_matches_f_linear():
             for bias in (None, b):
                 torch.testing.assert_close(linear(x, w, bias), torch.nn.functional.linear(x, w, bias),
                                            rtol=1e-5, atol=1e-5)
+
+
+def test_few_rows_choice_is_measured_once(monkeypatch):
+    monkeypatch.setattr(transformer, "FEW_ROWS_AS_GEMM", None)
+    first = transformer.few_rows_as_gemm()
+    assert isinstance(first, bool) and transformer.FEW_ROWS_AS_GEMM is first
+    assert transformer.few_rows_as_gemm() is first  # cached: the same answer for the whole process
