@@ -36,7 +36,10 @@ def write_json_atomic(obj, path: str) -> None:
 
 
 def load_checkpoint(path: str, stage: str) -> dict:
-    """Load a checkpoint on the CPU and check it is a nanodalle checkpoint of the expected stage."""
+    """Load a checkpoint on the CPU and check it is a nanodalle checkpoint of the expected stage. A directory
+    stands for the ckpt.pt inside it (a training run's --out)."""
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "ckpt.pt")):
+        path = os.path.join(path, "ckpt.pt")
     if not os.path.isfile(path) and sharding.latest_sharded(os.path.dirname(path) or "."):
         raise UserError(f"no checkpoint at {path}, but a sharded one (an --fsdp run) next to it: make a plain "
                         f"one with python -m nanodalle.sharding --consolidate {os.path.dirname(path) or '.'}")

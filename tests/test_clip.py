@@ -292,6 +292,7 @@ def test_train_clip_end_to_end(tmp_path):
     assert len((out / "log.jsonl").read_text().splitlines()) == 3
     ckpt = checkpoint.load_checkpoint(str(out / "ckpt.pt"), "clip")
     assert ckpt["tokenizer"] == Tokenizer().state() and ckpt["step"] == 3
+    assert checkpoint.load_checkpoint(str(out), "clip")["step"] == 3  # the run's directory stands for its ckpt.pt
     model = load_clip(str(out / "ckpt.pt"))
     assert model.cfg.image_size == 16 and model.cfg.vision_width == 32
     assert model.tokenizer.eot_id == model.cfg.eot_id
