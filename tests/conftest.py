@@ -12,6 +12,10 @@ ROOT = Path(__file__).resolve().parents[1]
 # Scripts run in a subprocess on one thread: small convolutions on 2 OpenMP threads are ~50x slower than on
 # one when the other core is busy (the threads spin waiting for each other).
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+# The suite checks CPU numerics (CI has no GPU): a test that trains with --device auto and recomputes a metric
+# on the CPU must not find a GPU on a GPU machine. scripts/gpu_check.sh runs every script on a CUDA GPU.
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
+ENV["CUDA_VISIBLE_DEVICES"] = ""
 for _k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):  # a stray torchrun env would turn every run into DDP
     ENV.pop(_k, None)
 
