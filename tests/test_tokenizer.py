@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import regex
 import tiktoken
+from tiktoken.load import load_tiktoken_bpe
 import torch
 
 from conftest import ROOT
@@ -122,7 +123,7 @@ def test_save_load_round_trip(tmp_path, monkeypatch):
     assert load(path) == ranks
     assert [p.name for p in path.parent.iterdir()] == ["v.tiktoken"]  # no temp file left behind
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "")  # tiktoken's own reader, with its cache turned off
-    assert tiktoken.load.load_tiktoken_bpe(str(path)) == ranks
+    assert load_tiktoken_bpe(str(path)) == ranks
     (tmp_path / "bad.tiktoken").write_text("not base64 at all\n")
     with pytest.raises(UserError, match="not a .tiktoken file"):
         load(tmp_path / "bad.tiktoken")
