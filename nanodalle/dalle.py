@@ -185,7 +185,8 @@ class DALLE(nn.Module):
         codes ((B, ·, K)): each head is its embedding table transposed (tied, as in GPT-2)."""
         n_text = max(0, min(self.cfg.text_len - first, h.size(1)))
         text_logits = h[:, :n_text] @ self.text_embedding.weight.t()    # (B, n_text, text_vocab + L)
-        image_logits = linear(h[:, n_text:], self.image_embedding.weight)  # (B, n - n_text, K)
+        image_logits = linear(h[:, n_text:], self.image_embedding.weight,  # (B, n - n_text, K)
+                              as_gemm=bool(self.transformer.decode_as_gemm))
         return text_logits, image_logits
 
     def forward(self, text: torch.Tensor, codes: torch.Tensor):

@@ -21,6 +21,7 @@ KV cache. To sample one token at a time, keys and values of past positions are k
 length..length+T-1 and attend to keys 0..length+T-1, so masks are still indexed by absolute position.
 """
 import math
+import statistics
 import time
 
 import torch
@@ -58,46 +59,17 @@ class KVCache:
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]  # (B, nh, end, hs)
 
 
-# Whether `linear` computes a few rows as W @ xᵀ on this CPU: None until measured once (few_rows_as_gemm).
-FEW_ROWS_AS_GEMM = None
-
-
-def few_rows_as_gemm() -> bool:
-    """Is W @ xᵀ (two columns) faster than x @ Wᵀ (one row) on this CPU? Timed once per process, like cuDNN's
-    benchmark mode, on a 4 MB matrix: the answer is a fact of the CPU and its BLAS, not of the model. On a
-    2-core AMD EPYC W @ xᵀ read weights about twice as fast (~26 against ~13 GB/s); on a 2-core Intel Xeon
-    x @ Wᵀ was four times faster (49 against 12.6 GB/s) (README, Speed)."""
-    global FEW_ROWS_AS_GEMM
-    if FEW_ROWS_AS_GEMM is None:
-        w, x = torch.ones(1024, 1024), torch.ones(1, 1024)  # not randn: leave the global RNG's state alone
-        x2 = torch.cat([x, x])
-
-        def median_time(f):
-            times = []
-            for _ in range(7):
-                t0 = time.perf_counter()
-                f()
-                times.append(time.perf_counter() - t0)
-            return sorted(times)[3]
-        with torch.no_grad():
-            median_time(lambda: x @ w.t())  # warm up both
-            median_time(lambda: w @ x2.t())
-            FEW_ROWS_AS_GEMM = median_time(lambda: w @ x2.t()) < median_time(lambda: x @ w.t())
-    return FEW_ROWS_AS_GEMM
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ weightᵀ + bias, like F.linear, with another path for a few rows on the CPU where it is faster.
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, as_gemm: bool = False):
+    """x @ weightᵀ + bias, like F.linear; with as_gemm, ≤ 16 rows on the CPU without gradients are computed
+    as W @ xᵀ instead, the faster form for some models on some CPUs (Transformer.time_decoding_step measures).
 
     KV-cached decoding feeds one new token per image: x @ Wᵀ has only B rows and its cost is reading W once.
-    On some CPUs PyTorch's x @ Wᵀ runs on one core for these shapes (a single row is a GEMV, ~13 GB/s on the
-    EPYC), while the same product written as W @ xᵀ with at least two columns runs on every core and reads W
-    about twice as fast; on others it is the other way round, so few_rows_as_gemm() measures which, once (bench.py;
-    README, efficiency notes). Same math, rounding ~1e-7.
+    PyTorch may run such a product on one core (a single row is a GEMV), while the same product written as
+    W @ xᵀ with at least two columns goes to the GEMM that runs on every core. Same math, rounding ~1e-7.
     """
     rows = x.numel() // x.size(-1)
-    if x.device.type != "cpu" or not 0 < rows <= 16 or torch.is_grad_enabled() or not few_rows_as_gemm():
-        return F.linear(x, weight, bias)  # training, prompts, GPUs, CPUs whose GEMV is fast: x @ Wᵀ + b
+    if not as_gemm or x.device.type != "cpu" or not 0 < rows <= 16 or torch.is_grad_enabled():
+        return F.linear(x, weight, bias)  # training, prompts, GPUs, models and CPUs whose GEMV is fast
     x2 = x.reshape(rows, -1)  # (rows, in)
     if rows == 1:
         x2 = torch.cat([x2, x2])  # a second (copied) column: W @ xᵀ then goes to the multi-core GEMM
@@ -110,10 +82,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 class Linear(nn.Linear):
-    """nn.Linear (same parameters, same state dict) computed by `linear` above: faster KV-cached decoding."""
+    """nn.Linear (same parameters, same state dict) computed by `linear` above: faster KV-cached decoding.
+    `as_gemm` is set by Transformer.new_cache for the model's decoding steps."""
+    as_gemm = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, self.as_gemm)
 
 
 def build_mask(T: int, S: int, start: int = 0, mask=None, causal=False, key_padding_mask=None, device=None):
@@ -175,7 +149,7 @@ class Attention(nn.Module):
                 bias = torch.cat([self.query.bias, self.key.bias, self.value.bias])      # (3C,)
             cache.qkv_weights[layer] = (weight, bias)
         weight, bias = cache.qkv_weights[layer]
-        q, k, v = linear(x, weight, bias).split(x.size(-1), dim=-1)  # (B, T, 3C) -> 3 × (B, T, C)
+        q, k, v = linear(x, weight, bias, self.query.as_gemm).split(x.size(-1), dim=-1)  # (B, T, 3C) -> 3 × (B, T, C)
         return self.split_heads(q), self.split_heads(k), self.split_heads(v)
 
     def forward(self, x, context=None, mask=None, causal=False, key_padding_mask=None, cache=None, layer=0,
@@ -292,6 +266,8 @@ class Transformer(nn.Module):
             [Block(n_embd, n_head, dropout, bias, context_dim, mlp_ratio) for _ in range(n_layer)])
         self.ln_f = nn.LayerNorm(n_embd, bias=bias)
         init_weights(self, n_layer)
+        self.has_context = context_dim is not None
+        self.decode_as_gemm = None  # how decoding steps multiply by the weights on a CPU: set by new_cache
 
     def forward(self, x, mask=None, causal=False, key_padding_mask=None, context=None, context_mask=None,
                 cache=None, use_sdpa=True):
@@ -315,8 +291,55 @@ class Transformer(nn.Module):
         if dtype is None:
             autocast_on = device.type in ("cpu", "cuda", "mps") and torch.is_autocast_enabled(device.type)
             dtype = torch.get_autocast_dtype(device.type) if autocast_on else w.dtype
+        if w.device.type == "cpu" and self.decode_as_gemm is None:  # measured once per model
+            # (a stack with cross-attention would need its context to be timed: it keeps x @ Wᵀ)
+            self.set_decode_as_gemm(not self.has_context and self.time_decoding_step(batch_size, dtype) < 1)
         return KVCache(self.n_layer, batch_size, self.n_head, self.n_embd // self.n_head, max_len,
                        device=device, dtype=dtype)
+
+    def set_decode_as_gemm(self, as_gemm: bool | None) -> None:
+        """Make every Linear of the model compute its few-row products as W @ xᵀ, or not (None: not measured)."""
+        self.decode_as_gemm = as_gemm
+        for m in self.modules():
+            if isinstance(m, Linear):
+                m.as_gemm = bool(as_gemm)
+
+    @torch.no_grad()
+    def time_decoding_step(self, batch_size: int, dtype) -> float:
+        """How long a KV-cached decoding step on the CPU takes with its few-row products as W @ xᵀ (`linear`),
+        as a fraction of the time it takes with x @ Wᵀ.
+
+        A decoding step multiplies every weight matrix by B rows, so its cost is reading the weights once, and
+        which form reads them faster depends on the CPU, its BLAS, and whether the weights fit in its caches. On
+        a 2-core AMD EPYC (Zen 3) x @ Wᵀ is a one-core GEMV, the faster form from the cache (the toy model's 11
+        MB), and W @ xᵀ goes to the GEMM that runs on both cores, the faster form from memory (bench-long's
+        100 MB: 9.6 against 11-12 ms per token); on a 2-core Intel Xeon x @ Wᵀ was the faster (README,
+        efficiency notes). So both are timed on this model's first blocks (up to 256 MB of weights) with a
+        throwaway cache, like cuDNN's benchmark mode."""
+        weights, blocks = 0, []
+        for block in self.blocks:
+            if weights > 256e6:
+                break
+            blocks.append(block)
+            weights += sum(p.numel() * p.element_size() for p in block.parameters())
+        w = self.ln_f.weight
+        cache = KVCache(len(blocks), batch_size, self.n_head, self.n_embd // self.n_head, 2, w.device, dtype)
+        x = torch.zeros(batch_size, 1, self.n_embd, device=w.device, dtype=w.dtype)  # zeros: the RNG is left alone
+        previous = self.decode_as_gemm
+
+        def step_time(as_gemm):
+            self.set_decode_as_gemm(as_gemm)
+            cache.length = 1  # a step at position 1: the cost of attention is nil, that of the weights all
+            t0 = time.perf_counter()
+            for i, block in enumerate(blocks):
+                block(x, causal=True, cache=cache, layer=i)
+            return time.perf_counter() - t0
+
+        ratios = []
+        for _ in range(13):  # the two forms one after the other, so both meet the same noise; 2 rounds of warm-up
+            ratios.append(step_time(True) / step_time(False))
+        self.set_decode_as_gemm(previous)
+        return statistics.median(ratios[2:])
 
 
 def init_weights(module: nn.Module, n_layer: int) -> None:

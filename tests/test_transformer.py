@@ -311,12 +311,12 @@ def test_autocast_bf16(use_sdpa):
 
 @pytest.mark.parametrize("shape", [(1, 1, 48), (2, 1, 48), (8, 1, 48), (1, 48), (3, 6, 48), (40, 48)])
 @pytest.mark.parametrize("bias", [True, False])
-def test_linear_few_rows_path(shape, bias, monkeypatch):
+def test_linear_few_rows_path(shape, bias):
     """Linear's CPU path for ≤ 16 rows without grad (W @ xᵀ) equals nn.Linear's x @ Wᵀ + b, same shape,
     a contiguous result; with grad on, it is nn.Linear exactly and gradients flow."""
-    monkeypatch.setattr(transformer, "FEW_ROWS_AS_GEMM", True)  # the W @ xᵀ path, whichever this CPU prefers
     torch.manual_seed(0)
     lin = Linear(48, 24, bias=bias)
+    lin.as_gemm = True  # the W @ xᵀ path, whichever this CPU prefers
     ref = torch.nn.Linear(48, 24, bias=bias)
     ref.load_state_dict(lin.state_dict())
     x = torch.randn(shape)
@@ -331,26 +331,44 @@ def test_linear_few_rows_path(shape, bias, monkeypatch):
 
 
 @pytest.mark.parametrize("as_gemm", [True, False])
-def test_linear_function_matches_f_linear(as_gemm, monkeypatch):
+def test_linear_function_matches_f_linear(as_gemm):
     """transformer.linear (used by DALL-E's image head too) equals F.linear on few and many rows, no grad,
     whichever way a few rows are computed."""
-    monkeypatch.setattr(transformer, "FEW_ROWS_AS_GEMM", as_gemm)
     torch.manual_seed(0)
     w, b = torch.randn(24, 48), torch.randn(24)
     for shape in [(1, 1, 48), (5, 48), (2, 40, 48), (2, 0, 48)]:
         x = torch.randn(shape)
         with torch.no_grad():
             for bias in (None, b):
-                torch.testing.assert_close(linear(x, w, bias), torch.nn.functional.linear(x, w, bias),
+                torch.testing.assert_close(linear(x, w, bias, as_gemm), torch.nn.functional.linear(x, w, bias),
                                            rtol=1e-5, atol=1e-5)
 
 
-def test_few_rows_choice_is_measured_once(monkeypatch):
-    monkeypatch.setattr(transformer, "FEW_ROWS_AS_GEMM", None)
+def test_decoding_form_is_measured_once_per_model(monkeypatch):
+    """The first KV cache of a model on the CPU times a decoding step both ways and sets every Linear to the
+    faster; later caches reuse the answer; measuring draws nothing from the global RNG (seeds still reproduce)
+    and both forms decode the same numbers."""
+    model = Transformer(2, C, NH).eval()
+    measured = []
+    real = Transformer.time_decoding_step
+
+    def spy(self, *args):
+        measured.append(real(self, *args))
+        return measured[-1]
+    monkeypatch.setattr(Transformer, "time_decoding_step", spy)
     torch.manual_seed(0)
-    first = transformer.few_rows_as_gemm()
+    cache = model.new_cache(2, 8)
     after = torch.rand(3)
     torch.manual_seed(0)
-    assert torch.equal(after, torch.rand(3))  # measuring draws nothing from the global RNG: seeds still reproduce
-    assert isinstance(first, bool) and transformer.FEW_ROWS_AS_GEMM is first
-    assert transformer.few_rows_as_gemm() is first  # cached: the same answer for the whole process
+    assert torch.equal(after, torch.rand(3))
+    assert len(measured) == 1 and measured[0] > 0 and model.decode_as_gemm is (measured[0] < 1)
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    assert len(linears) == 2 * 6 and all(m.as_gemm is model.decode_as_gemm for m in linears)
+    assert cache.length == 0 and model.new_cache(2, 8).length == 0 and len(measured) == 1  # measured once
+    x = randn(2, 5, C)
+    for as_gemm in (True, False):
+        model.set_decode_as_gemm(as_gemm)
+        with torch.no_grad():
+            cache = model.new_cache(2, 5)
+            steps = torch.cat([model(x[:, t:t + 1], causal=True, cache=cache) for t in range(5)], dim=1)
+            torch.testing.assert_close(steps, model(x, causal=True), rtol=1e-5, atol=1e-5)
